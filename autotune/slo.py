@@ -1,0 +1,94 @@
+"""Service-level objectives on P99 TTFT and P99 TPOT, and the constraint
+margins every finished trial carries (<= 0 means met)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from autotune.errors import UserError
+from autotune.trial import TrialResult
+
+#: Constraint value of a trial that produced no measurement: far beyond any limit.
+CRASH_VIOLATION = 10.0
+CONSTRAINT_KEYS = ("ttft_p99", "tpot_p99")
+
+
+@dataclass(frozen=True)
+class SloSpec:
+    """Limits as given: absolute (ms) or relative to serving alone."""
+
+    ttft_p99_ms: float | None = None
+    tpot_p99_ms: float | None = None
+    ttft_ratio: float = 2.0  # x the serving-alone P99, when no absolute limit
+    tpot_ratio: float = 1.5
+
+    def __post_init__(self) -> None:
+        for name in ("ttft_p99_ms", "tpot_p99_ms", "ttft_ratio", "tpot_ratio"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise UserError(f"SLO {name} must be positive, got {v:g}")
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.ttft_p99_ms is None or self.tpot_p99_ms is None
+
+
+@dataclass(frozen=True)
+class ResolvedSlo:
+    ttft_p99_ms: float
+    tpot_p99_ms: float
+    ttft_basis: str  # "absolute" or "2x serving-alone P99 (31.2 ms)"
+    tpot_basis: str
+
+    def to_dict(self) -> dict[str, float | str]:
+        return {
+            "ttft_p99_ms": self.ttft_p99_ms,
+            "tpot_p99_ms": self.tpot_p99_ms,
+            "ttft_basis": self.ttft_basis,
+            "tpot_basis": self.tpot_basis,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ResolvedSlo:
+        return cls(float(d["ttft_p99_ms"]), float(d["tpot_p99_ms"]), str(d["ttft_basis"]), str(d["tpot_basis"]))
+
+
+def resolve(spec: SloSpec, reference: TrialResult | None) -> ResolvedSlo:
+    """Absolute limits stand; relative ones multiply the reference's P99."""
+
+    def one(absolute: float | None, ratio: float, metric: str) -> tuple[float, str]:
+        if absolute is not None:
+            return absolute, "absolute"
+        if reference is None or reference.serving is None or reference.serving.completed == 0:
+            why = reference.error if reference is not None and reference.error else "no requests completed"
+            raise UserError(f"cannot set a relative {metric} SLO: the serving-alone reference run failed ({why})")
+        ref_ms = getattr(reference.serving, metric).p99_ms
+        return ratio * ref_ms, f"{ratio:g}x serving-alone P99 ({ref_ms:.2f} ms)"
+
+    ttft, ttft_basis = one(spec.ttft_p99_ms, spec.ttft_ratio, "ttft")
+    tpot, tpot_basis = one(spec.tpot_p99_ms, spec.tpot_ratio, "tpot")
+    return ResolvedSlo(ttft, tpot, ttft_basis, tpot_basis)
+
+
+def constraint_margins(result: TrialResult, slo: ResolvedSlo | None) -> dict[str, float]:
+    """Signed relative margins, observed / limit - 1 (<= 0 met).
+
+    A crashed trial, or one whose requests did not all complete, violates
+    both by ``CRASH_VIOLATION``. Without an SLO (no serving, fig12) both are
+    met by construction: -1.0.
+    """
+    if result.crashed:
+        return {k: CRASH_VIOLATION for k in CONSTRAINT_KEYS}
+    if slo is None:
+        return {k: -1.0 for k in CONSTRAINT_KEYS}
+    s = result.serving
+    if s is None or s.completed == 0 or s.failed > 0:
+        return {k: CRASH_VIOLATION for k in CONSTRAINT_KEYS}
+    return {
+        "ttft_p99": s.ttft.p99_ms / slo.ttft_p99_ms - 1.0,
+        "tpot_p99": s.tpot.p99_ms / slo.tpot_p99_ms - 1.0,
+    }
+
+
+def feasible(margins: dict[str, float]) -> bool:
+    return all(v <= 0.0 for v in margins.values())

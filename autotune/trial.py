@@ -1,0 +1,85 @@
+"""A trial: (system, knob values, workload, model) -> measurements.
+
+``TrialSpec`` is everything a backend needs to run one trial; ``TrialResult``
+is what it measured. Backends (``autotune.backends``) turn one into the other.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from autotune.metrics import PeftMetrics, ServingMetrics
+from autotune.models import ModelConfig
+from autotune.policy import SharingPolicy
+from autotune.workloads.spec import Workload
+
+
+class TrialKind(str, enum.Enum):
+    COLOCATED = "colocated"  # server and trainer share the GPU under the policy
+    SERVING_ALONE = "serving_alone"  # reference for relative SLOs
+    TRAINER_ALONE = "trainer_alone"  # the PEFT ceiling; fig12 (no serving)
+
+
+@dataclass(frozen=True)
+class LoraServing:
+    """LoRA adapters the server serves (fig13)."""
+
+    num_adapters: int  # adapters loaded on the server
+    rank: int
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    kind: TrialKind
+    system: str  # the system whose policy applies (its memory split also in references)
+    params: Mapping[str, float]
+    policy: SharingPolicy
+    model: ModelConfig
+    workload: Workload | None  # None: no serving
+    seed: int  # for the backend's own random sources (noise, prompt token ids)
+    lora_serving: LoraServing | None = None
+    trainer_lora_rank: int = 8
+    warmup_s: float = 0.0  # trainer iterations before this are not counted
+    number: int | None = None  # the study's trial number, for logs
+
+    @property
+    def trains(self) -> bool:
+        return self.kind is not TrialKind.SERVING_ALONE
+
+    @property
+    def serves(self) -> bool:
+        return self.kind is not TrialKind.TRAINER_ALONE and self.workload is not None
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    serving: ServingMetrics | None
+    peft: PeftMetrics | None
+    error: str | None = None  # why the trial produced no valid measurement
+    wall_s: float = 0.0  # how long the trial took to run, s
+    notes: tuple[str, ...] = ()  # e.g. "MPS off (--no-mps)"
+    extra: Mapping[str, Any] = field(default_factory=dict)  # backend-specific figures
+
+    @property
+    def crashed(self) -> bool:
+        return self.error is not None
+
+    def metrics(self) -> dict[str, float]:
+        """Flat metrics with units in their names: ``ttft_p99_ms``, ``peft_samples_per_s``."""
+        out: dict[str, float] = {}
+        if self.serving is not None:
+            out.update(self.serving.flat())
+        if self.peft is not None:
+            out.update(self.peft.flat())
+        out["trial_wall_s"] = self.wall_s
+        for k, v in self.extra.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[k] = float(v)
+        return out
+
+    @classmethod
+    def crash(cls, reason: str, wall_s: float = 0.0) -> TrialResult:
+        return cls(serving=None, peft=None, error=reason, wall_s=wall_s)

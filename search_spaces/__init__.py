@@ -1,0 +1,1 @@
+"""Search spaces shipped with the systems: one TOML file per system."""
