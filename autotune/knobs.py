@@ -59,25 +59,27 @@ class Knob:
             self.low, self.high, step=self.step, log=self.log
         )
 
-    def grid(self, max_points: int = 9) -> list[float]:
-        """Points for grid search: every step when there are few, else spread."""
+    def grid(self, max_points: int = 9, max_steps: int = 40) -> list[float]:
+        """Points for grid search: every step of a discrete knob when there are
+        at most ``max_steps``, else ``max_points`` spread (on the log scale if
+        the knob has one) and snapped to the step."""
         assert self.low is not None and self.high is not None
-        if self.type == "int" or self.step is not None:
-            step = self.step or 1
+        step = self.step or (1 if self.type == "int" else None)
+        if step is not None:
             n = int(round((self.high - self.low) / step)) + 1
-            if n <= max_points:
-                pts = [self.low + i * step for i in range(n)]
-                return [int(p) if self.type == "int" else p for p in pts]
+            if n <= max_steps:
+                return [self._cast(self.low + i * step) for i in range(n)]
         if self.log:
             lo, hi = math.log(self.low), math.log(self.high)
             pts = [math.exp(lo + (hi - lo) * i / (max_points - 1)) for i in range(max_points)]
         else:
             pts = [self.low + (self.high - self.low) * i / (max_points - 1) for i in range(max_points)]
-        if self.type == "int":
-            return sorted({int(round(p)) for p in pts})
-        if self.step is not None:
-            pts = sorted({round((p - self.low) / self.step) * self.step + self.low for p in pts})
-        return pts
+        if step is not None:
+            pts = [self.low + round((p - self.low) / step) * step for p in pts]
+        return sorted({self._cast(p) for p in pts})
+
+    def _cast(self, value: float) -> float:
+        return int(round(value)) if self.type == "int" else float(value)
 
     def describe_range(self) -> str:
         scale = ", log" if self.log else ""

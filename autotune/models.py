@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from autotune.errors import UserError
@@ -126,6 +128,31 @@ PRESETS: dict[str, ModelConfig] = {
         max_position_embeddings=32768, rms_norm_eps=1e-6, qkv_bias=True,
     ),
 }
+
+
+def from_hf_config(path: Path) -> ModelConfig:
+    """Shapes of a local model folder (its Hugging Face ``config.json``)."""
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+        hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+        return ModelConfig(
+            name=str(path),
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads", heads)),
+            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            vocab_size=int(cfg["vocab_size"]),
+            rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
+            rope_scaling=cfg.get("rope_scaling"),
+        )
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"cannot read model shapes from {path}/config.json: {e}") from None
 
 
 def from_name(name: str) -> ModelConfig:

@@ -1,0 +1,217 @@
+"""The ``autotune`` command: one sub-command per system, plus ``workload``.
+
+    autotune llmstation --figure fig8a --trials 40
+    autotune workload fig9a --rate 4 --out requests.jsonl
+
+Thin commands: parse, build a config, call library code. Bad input is one
+line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from autotune.errors import UserError
+from autotune.figures import FIGURES, LORA_DISTS, LORA_RANKS
+from autotune.samplers import DEFAULT_SAMPLER, SAMPLERS
+from autotune.slo import SloSpec
+from autotune.systems import SYSTEMS
+
+app = typer.Typer(
+    name="autotune",
+    help="SLO-aware autotuner for GPU sharing between LLM serving and LoRA fine-tuning.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+Figure = enum.Enum("Figure", {name: name for name in FIGURES}, type=str)
+Sampler = enum.Enum("Sampler", {name: name for name in SAMPLERS}, type=str)
+LoraDist = enum.Enum("LoraDist", {name: name for name in LORA_DISTS}, type=str)
+BackendName = enum.Enum("BackendName", {"sim": "sim", "gpu": "gpu"}, type=str)
+
+
+def _tune(system: str):
+    def command(
+        figure: Annotated[Figure, typer.Option(help="figure preset (workload, rate, prompts)")] = Figure["fig8a"],
+        trials: Annotated[int, typer.Option(min=1, help="trials to add to the study")] = 40,
+        rate: Annotated[Optional[float], typer.Option(help="request rate, req/s (default: the figure's, per hardware)")] = None,
+        num_prompts: Annotated[Optional[int], typer.Option(help="requests per trial (default: the figure's)")] = None,
+        backend: Annotated[BackendName, typer.Option(help="sim: embedded simulator; gpu: real trials")] = BackendName["sim"],
+        sampler: Annotated[Sampler, typer.Option(help="Optuna sampler")] = Sampler[DEFAULT_SAMPLER],
+        seed: Annotated[int, typer.Option(help="seed of the workload, sampler and simulator noise")] = 0,
+        slo_ttft_ms: Annotated[Optional[float], typer.Option(help="absolute P99 TTFT limit, ms")] = None,
+        slo_tpot_ms: Annotated[Optional[float], typer.Option(help="absolute P99 TPOT limit, ms")] = None,
+        slo_ttft_ratio: Annotated[float, typer.Option(help="P99 TTFT limit as a multiple of serving alone")] = 2.0,
+        slo_tpot_ratio: Annotated[float, typer.Option(help="P99 TPOT limit as a multiple of serving alone")] = 1.5,
+        storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL (default: SQLite under --runs-dir)")] = None,
+        study_name: Annotated[Optional[str], typer.Option(help="default: system-figure-rate-backend")] = None,
+        search_space: Annotated[Optional[Path], typer.Option(help="TOML file of knob ranges")] = None,
+        model: Annotated[Optional[str], typer.Option(help="model preset or local folder (default: the figure's)")] = None,
+        sharegpt: Annotated[Optional[Path], typer.Option(help="ShareGPT_V3_unfiltered_cleaned_split.json")] = None,
+        burstgpt: Annotated[Optional[Path], typer.Option(help="BurstGPT_without_fails_2.csv")] = None,
+        tokenizer: Annotated[Optional[Path], typer.Option(help="tokenizer.json (or its folder) for exact token counts")] = None,
+        lora_dist: Annotated[Optional[LoraDist], typer.Option(help="fig13: adapters per request")] = None,
+        lora_rank: Annotated[int, typer.Option(help="fig13: rank of the served adapters (8, 16, 32)")] = 8,
+        json_path: Annotated[Optional[Path], typer.Option("--json", help="write the results here")] = None,
+        runs_dir: Annotated[Path, typer.Option(help="study database, reference cache, logs")] = Path("autotune-runs"),
+        profile: Annotated[Optional[Path], typer.Option(help="sim: cost profile TOML")] = None,
+        noise: Annotated[float, typer.Option(help="sim: relative measurement noise (std)")] = 0.0,
+        trial_seconds: Annotated[Optional[float], typer.Option(help="shorten each trial's traffic window, s")] = None,
+        warmup_s: Annotated[float, typer.Option("--warmup-s", help="trainer warm-up excluded from PEFT throughput, s")] = 0.0,
+        no_mps: Annotated[bool, typer.Option("--no-mps", help="gpu: run without the MPS daemon (recorded)")] = False,
+        vllm_arg: Annotated[Optional[list[str]], typer.Option(help="gpu: extra vLLM server flag (repeatable)")] = None,
+        finetune_data: Annotated[Optional[Path], typer.Option(help="gpu: Alpaca-format JSON for the trainer")] = None,
+        plain: Annotated[bool, typer.Option(help="one line per trial instead of the live table")] = False,
+    ) -> None:
+        from autotune.study import StudyConfig
+
+        if lora_rank not in LORA_RANKS:
+            raise UserError(f"--lora-rank must be one of {', '.join(map(str, LORA_RANKS))}, got {lora_rank}")
+        config = StudyConfig(
+            system=system, figure=figure.value, backend=backend.value, rate_req_s=rate,
+            num_prompts=num_prompts, model=model,
+            slo=SloSpec(slo_ttft_ms, slo_tpot_ms, slo_ttft_ratio, slo_tpot_ratio),
+            sampler=sampler.value, seed=seed, storage=storage, study_name=study_name,
+            search_space_path=search_space, sharegpt_path=sharegpt, burstgpt_path=burstgpt,
+            tokenizer_path=tokenizer, lora_dist=lora_dist.value if lora_dist else None, lora_rank=lora_rank,
+            trial_seconds=trial_seconds, warmup_s=warmup_s, runs_dir=runs_dir,
+        )
+        if backend.value == "sim":
+            options = {"profile": profile, "noise": noise}
+        else:
+            options = {"runs_dir": runs_dir, "use_mps": not no_mps, "vllm_args": tuple(vllm_arg or ()),
+                       "model_path": Path(model) if model and Path(model).is_dir() else None,
+                       "finetune_data": finetune_data}
+        _run(config, backend.value, options, trials, json_path, plain)
+
+    command.__doc__ = f"Tune {SYSTEMS[system].title}: {SYSTEMS[system].description}."
+    return command
+
+
+def _run(config, backend_name: str, options: dict, trials: int, json_path: Path | None, plain: bool) -> None:
+    from autotune.backends import make_backend
+    from autotune.live import LiveReporter, PlainReporter
+    from autotune.results import StudyResult, summary_text, write_json
+    from autotune.study import run_study
+
+    console = Console()
+    live = not plain and console.is_terminal
+    observer = LiveReporter(console) if live else PlainReporter()
+    ctx = None
+    try:
+        with make_backend(backend_name, **options) as backend:
+            from autotune.study import prepare  # noqa: F401  (validate before the table appears)
+
+            ctx = run_study(config, backend, trials, observer)
+    finally:
+        if isinstance(observer, LiveReporter):
+            observer.close()
+    result = StudyResult.of(ctx.study)
+    print(summary_text(result))
+    if json_path is not None:
+        write_json(result, json_path)
+        print(f"results written to {json_path}")
+
+
+for _name in SYSTEMS:
+    app.command(name=_name)(_tune(_name))
+
+
+@app.command()
+def workload(
+    figure: Annotated[Figure, typer.Argument(help="figure preset")],
+    out: Annotated[Path, typer.Option(help="JSON lines file to write")],
+    rate: Annotated[Optional[float], typer.Option(help="request rate, req/s")] = None,
+    num_prompts: Annotated[Optional[int], typer.Option(help="requests (default: 200 x rate, or the figure's)")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    sharegpt: Annotated[Optional[Path], typer.Option()] = None,
+    burstgpt: Annotated[Optional[Path], typer.Option()] = None,
+    tokenizer: Annotated[Optional[Path], typer.Option()] = None,
+    lora_dist: Annotated[Optional[LoraDist], typer.Option()] = None,
+    hardware: Annotated[str, typer.Option(help="hardware profile whose preset rate applies")] = "h100-80gb",
+) -> None:
+    """Write a figure's workload, one JSON object per request."""
+    from autotune.figures import get_figure
+    from autotune.workloads.build import WorkloadOptions, build_workload
+
+    fig = get_figure(figure.value)
+    if not fig.serves:
+        raise UserError(f"{fig.name} has no serving workload")
+    if lora_dist is not None and not fig.lora_adapters:
+        raise UserError(f"--lora-dist applies to fig13 only, not {fig.name}")
+    if rate is None:
+        rate, _ = fig.default_rate(hardware)
+    n = num_prompts or fig.prompts(rate, 200)
+    wl = build_workload(WorkloadOptions(
+        arrivals=fig.arrivals, rate_req_s=rate, num_prompts=n, seed=seed, sharegpt_path=sharegpt,
+        burstgpt_path=burstgpt, tokenizer_path=tokenizer,
+        lora_dist=(lora_dist.value if lora_dist else "uniform") if fig.lora_adapters else None,
+    ))
+    try:
+        wl.write_jsonl(out)
+    except OSError as e:
+        raise UserError(f"cannot write {out}: {e.strerror}") from None
+    print(f"{len(wl)} requests over {wl.duration_s:.1f} s ({wl.description}) written to {out}")
+
+
+@app.command(name="list")
+def list_presets() -> None:
+    """The systems, their knobs and search ranges, and the figures."""
+    from autotune.systems import get_system
+
+    for name in SYSTEMS:
+        system = get_system(name)
+        space = system.search_space()
+        knobs = "; ".join(f"{k.name} {k.describe_range()} (default {k.default:g})" for k in space)
+        print(f"{name:16s} {knobs}")
+    for fig in FIGURES.values():
+        print(f"{fig.name:16s} {fig.description}")
+
+
+def _click_exceptions(name: str) -> tuple[type[BaseException], ...]:
+    """Typer vendors click in newer releases and uses click itself in older ones."""
+    classes = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            classes.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(classes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: every user error is one line and exit code 2."""
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    try:
+        app(args=argv, standalone_mode=False)
+    except UserError as e:
+        err.print(f"autotune: error: {e}", markup=False)
+        return 2
+    except _click_exceptions("UsageError") as e:
+        msg = " ".join(e.format_message().split()).replace("Value error, ", "")
+        param = getattr(e, "param", None)
+        if param is not None and getattr(param, "opts", None) and param.opts[0] not in msg:
+            msg = f"invalid value for {param.opts[0]}: {msg}"
+        if "No such command" in msg:
+            msg += f" Choose one of: {', '.join([*SYSTEMS, 'workload', 'list'])}."
+        err.print(f"autotune: error: {msg}", markup=False)
+        return 2
+    except _click_exceptions("Abort"):
+        err.print("autotune: interrupted", markup=False)
+        return 130
+    except KeyboardInterrupt:
+        err.print("autotune: interrupted; the study keeps every finished trial", markup=False)
+        return 130
+    return 0
+
+
+def _console_main() -> None:
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""Progress of a study: a rich live table on a terminal, one plain line per
+trial elsewhere. The table is a pure function of ``TrialRow`` objects."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping, Sequence
+from typing import TextIO
+
+import optuna
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from autotune.results import TrialRow, _fmt, format_params
+from autotune.study import StudyContext, StudyObserver
+
+#: Rows shown at most; the best feasible trial is always among them.
+MAX_ROWS = 25
+
+
+def _latency_cell(value: float | None, limit: float | None, digits: int) -> Text:
+    if value is None:
+        return Text("-", style="dim")
+    text = f"{value:.{digits}f}"
+    if limit is None:
+        return Text(text)
+    return Text(text, style="green" if value <= limit else "red")
+
+
+def header_text(ctx: StudyContext, rows: Sequence[TrialRow]) -> Text:
+    cfg = ctx.config
+    t = Text()
+    t.append(f"{ctx.system.title}", style="bold")
+    t.append(f" · {ctx.figure.name} · ")
+    t.append(f"{ctx.rate_req_s:g} req/s ({ctx.rate_basis})" if ctx.workload is not None else "no serving")
+    t.append(f" · {ctx.model.name} · {ctx.backend.name} backend · sampler {cfg.sampler}\n")
+    if ctx.workload is not None:
+        t.append(f"workload: {len(ctx.workload)} requests, {ctx.workload.description}\n", style="dim")
+    if ctx.slo is not None:
+        t.append(f"SLO: P99 TTFT ≤ {ctx.slo.ttft_p99_ms:.1f} ms, P99 TPOT ≤ {ctx.slo.tpot_p99_ms:.2f} ms\n")
+    feasible = [r for r in rows if r.feasible]
+    if feasible:
+        best = max(feasible, key=lambda r: (r.peft_samples_per_s, -r.number))
+        t.append("best feasible: ", style="bold")
+        t.append(f"#{best.number} {best.peft_samples_per_s:.3f} samples/s  {format_params(best.params)}",
+                 style="bold green")
+    else:
+        t.append("best feasible: none yet", style="yellow")
+    return t
+
+
+def trial_table(rows: Sequence[TrialRow], knob_names: Sequence[str],
+                ttft_limit_ms: float | None, tpot_limit_ms: float | None) -> Table:
+    """The trials table: knob values, P99 latencies coloured against the SLO,
+    PEFT samples/s, feasibility and state."""
+    table = Table(expand=False, header_style="bold")
+    table.add_column("#", justify="right")
+    for name in knob_names:
+        table.add_column(name, justify="right")
+    table.add_column("P99 TTFT ms", justify="right")
+    table.add_column("P99 TPOT ms", justify="right")
+    table.add_column("PEFT samples/s", justify="right")
+    table.add_column("feasible", justify="center")
+    table.add_column("state")
+    shown = _rows_to_show(rows)
+    for r in shown:
+        state = Text(r.outcome, style={"crashed": "red", "interrupted": "yellow", "running": "cyan"}.get(r.outcome, ""))
+        if r.error:
+            state.append(f": {r.error}", style="dim")
+        table.add_row(
+            str(r.number),
+            *(_fmt(r.params[n]) if n in r.params else "-" for n in knob_names),
+            _latency_cell(r.metrics.get("ttft_p99_ms"), ttft_limit_ms, 1),
+            _latency_cell(r.metrics.get("tpot_p99_ms"), tpot_limit_ms, 2),
+            f"{r.peft_samples_per_s:.3f}" if "peft_samples_per_s" in r.metrics else "-",
+            Text("yes", style="green") if r.feasible else Text("no", style="red") if r.outcome != "running" else Text(""),
+            state,
+        )
+    return table
+
+
+def _rows_to_show(rows: Sequence[TrialRow]) -> list[TrialRow]:
+    if len(rows) <= MAX_ROWS:
+        return list(rows)
+    feasible = [r for r in rows if r.feasible]
+    best = max(feasible, key=lambda r: (r.peft_samples_per_s, -r.number), default=None)
+    recent = list(rows[-(MAX_ROWS - 1):])
+    if best is not None and best not in recent:
+        recent = [best] + recent[1:]
+    return recent
+
+
+class LiveReporter(StudyObserver):
+    """A rich live table, refreshed after every trial, with the trial in flight's progress."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console()
+        self.rows: list[TrialRow] = []
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                                 TimeElapsedColumn(), console=self.console)
+        self.task = self.progress.add_task("starting", total=1.0)
+        self.live: Live | None = None
+        self.ctx: StudyContext | None = None
+
+    def _render(self) -> Group:
+        assert self.ctx is not None
+        slo = self.ctx.slo
+        return Group(
+            header_text(self.ctx, self.rows),
+            trial_table(self.rows, self.ctx.space.names, slo and slo.ttft_p99_ms, slo and slo.tpot_p99_ms),
+            self.progress,
+        )
+
+    def _refresh(self) -> None:
+        if self.live is not None:
+            self.live.update(self._render(), refresh=True)
+
+    def on_start(self, ctx: StudyContext, n_trials: int) -> None:
+        self.ctx = ctx
+        self.rows = [TrialRow.of(t) for t in ctx.study.get_trials(deepcopy=False)
+                     if t.state != optuna.trial.TrialState.RUNNING]
+        self.live = Live(self._render(), console=self.console, refresh_per_second=4, transient=False)
+        self.live.start()
+
+    def on_reference(self, ctx: StudyContext, name: str, metrics: Mapping[str, float], cached: bool) -> None:
+        self._refresh()
+
+    def on_trial_start(self, ctx: StudyContext, number: int, params: Mapping[str, float]) -> None:
+        self.progress.update(self.task, completed=0.0, description=f"trial {number}: {format_params(dict(params))}")
+        self._refresh()
+
+    def on_progress(self, fraction: float, status: str) -> None:
+        self.progress.update(self.task, completed=max(0.0, min(1.0, fraction)), description=status)
+
+    def on_trial_end(self, ctx: StudyContext, trial: optuna.trial.FrozenTrial) -> None:
+        self.rows.append(TrialRow.of(trial))
+        self.progress.update(self.task, completed=1.0)
+        self._refresh()
+
+    def on_end(self, ctx: StudyContext) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.live is not None:
+            self.progress.update(self.task, visible=False)
+            self._refresh()
+            self.live.stop()
+            self.live = None
+
+
+class PlainReporter(StudyObserver):
+    """One line per trial, for logs and pipes."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stdout
+        self._slo_printed = False
+
+    def _print(self, line: str) -> None:
+        print(line, file=self.stream, flush=True)
+
+    def on_start(self, ctx: StudyContext, n_trials: int) -> None:
+        rate = f"{ctx.rate_req_s:g} req/s ({ctx.rate_basis})" if ctx.workload is not None else "no serving"
+        self._print(f"study {ctx.study.study_name}: {ctx.system.name} {ctx.figure.name} {rate}, "
+                    f"{ctx.model.name}, {ctx.backend.name} backend, sampler {ctx.config.sampler}, "
+                    f"{n_trials} trials ({len(ctx.study.trials)} already)")
+        if ctx.workload is not None:
+            self._print(f"workload: {len(ctx.workload)} requests, {ctx.workload.description}")
+
+    def on_reference(self, ctx: StudyContext, name: str, metrics: Mapping[str, float], cached: bool) -> None:
+        parts = [f"reference {name.replace('_', ' ')}{' (cached)' if cached else ''}:"]
+        if "ttft_p99_ms" in metrics:
+            parts.append(f"P99 TTFT {metrics['ttft_p99_ms']:.1f} ms, P99 TPOT {metrics['tpot_p99_ms']:.2f} ms")
+        if "peft_samples_per_s" in metrics:
+            parts.append(f"PEFT {metrics['peft_samples_per_s']:.3f} samples/s")
+        self._print(" ".join(parts))
+
+    def on_trial_start(self, ctx: StudyContext, number: int, params: Mapping[str, float]) -> None:
+        if ctx.slo is not None and not self._slo_printed:
+            self._print(f"SLO: P99 TTFT <= {ctx.slo.ttft_p99_ms:.1f} ms ({ctx.slo.ttft_basis}), "
+                        f"P99 TPOT <= {ctx.slo.tpot_p99_ms:.2f} ms ({ctx.slo.tpot_basis})")
+            self._slo_printed = True
+
+    def on_trial_end(self, ctx: StudyContext, trial: optuna.trial.FrozenTrial) -> None:
+        r = TrialRow.of(trial)
+        m = r.metrics
+        lat = ""
+        if "ttft_p99_ms" in m:
+            lat = f" ttft_p99_ms={m['ttft_p99_ms']:.1f} tpot_p99_ms={m['tpot_p99_ms']:.2f}"
+        err = f" error={r.error!r}" if r.error else ""
+        self._print(f"trial {r.number}: {format_params(r.params)}{lat} "
+                    f"peft_samples_per_s={r.peft_samples_per_s:.3f} {r.outcome}{err}")

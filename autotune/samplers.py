@@ -1,0 +1,36 @@
+"""Optuna samplers by name. Constraints reach every sampler through
+``trial.set_constraint`` (Optuna 5), so none is given a ``constraints_func``."""
+
+from __future__ import annotations
+
+import optuna
+
+from autotune.errors import UserError
+from autotune.knobs import SearchSpace
+
+SAMPLERS = ("gp", "tpe", "random", "grid")
+#: Chosen by benchmarks/search_quality.py; see benchmarks/results/.
+DEFAULT_SAMPLER = "tpe"
+#: Random trials before a model-based sampler takes over (the first is the
+#: artifact's example setting).
+N_STARTUP_TRIALS = 8
+#: Points per continuous knob in grid search.
+GRID_POINTS = 9
+
+
+def make_sampler(name: str, space: SearchSpace, seed: int) -> optuna.samplers.BaseSampler:
+    """A fresh sampler. ``seed`` should differ between resumed runs of one
+    study, so a resumed random phase does not repeat the first run's points."""
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=N_STARTUP_TRIALS)
+    if name == "gp":
+        try:
+            import torch  # noqa: F401  (GPSampler's dependency)
+        except ImportError:
+            raise UserError("--sampler gp needs PyTorch: pip install 'autotune[gp]' (the CPU build is enough)") from None
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=N_STARTUP_TRIALS)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "grid":
+        return optuna.samplers.GridSampler(space.grid(GRID_POINTS), seed=seed)
+    raise UserError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")

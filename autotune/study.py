@@ -1,0 +1,457 @@
+"""An Optuna study per (system, figure, rate, backend): maximize PEFT
+samples/s subject to P99 TTFT and P99 TPOT limits.
+
+Every finished trial carries both constraints (``trial.set_constraint``,
+<= 0 met); a crashed trial is COMPLETE with 0 samples/s and large positive
+violations, so model-based samplers learn from it and it is never feasible.
+Everything needed to rebuild a table or plot is stored on the study: its
+configuration, the resolved SLOs, the reference runs, and each trial's
+metrics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from autotune.backends import Backend
+from autotune.errors import UserError
+from autotune.figures import FigurePreset, get_figure
+from autotune.knobs import SearchSpace
+from autotune.models import ModelConfig, from_name
+from autotune.policy import SharingPolicy
+from autotune.samplers import DEFAULT_SAMPLER, make_sampler
+from autotune.slo import CONSTRAINT_KEYS, CRASH_VIOLATION, ResolvedSlo, SloSpec, constraint_margins, feasible, resolve
+from autotune.systems import System, get_system
+from autotune.trial import LoraServing, TrialKind, TrialResult, TrialSpec
+from autotune.workloads.spec import Workload
+
+#: Memory split of the serving-alone reference: vLLM's default.
+REFERENCE_GPU_MEMORY_UTILIZATION = 0.9
+DEFAULT_RUNS_DIR = Path("autotune-runs")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    system: str
+    figure: str
+    backend: str = "sim"
+    rate_req_s: float | None = None  # None: the figure's rate for the backend's hardware
+    num_prompts: int | None = None  # None: the figure's count
+    model: str | None = None  # preset name or local path; None: the figure's
+    slo: SloSpec = field(default_factory=SloSpec)
+    sampler: str = DEFAULT_SAMPLER
+    seed: int = 0
+    storage: str | None = None  # Optuna storage URL; None: SQLite under runs_dir
+    study_name: str | None = None
+    search_space_path: Path | None = None
+    sharegpt_path: Path | None = None
+    burstgpt_path: Path | None = None
+    tokenizer_path: Path | None = None
+    lora_dist: str | None = None  # fig13: uniform | skewed | none
+    lora_rank: int = 8  # fig13: rank of the served adapters
+    trial_seconds: float | None = None  # shorten the traffic window (s)
+    warmup_s: float = 0.0  # trainer warm-up excluded from PEFT throughput
+    runs_dir: Path = DEFAULT_RUNS_DIR
+
+
+@dataclass
+class StudyContext:
+    """Everything resolved from a config, before the first trial."""
+
+    config: StudyConfig
+    system: System
+    figure: FigurePreset
+    space: SearchSpace
+    model: ModelConfig
+    rate_req_s: float
+    rate_basis: str  # "h100-80gb preset", "--rate"
+    workload: Workload | None
+    study: optuna.Study
+    backend: Backend
+    slo: ResolvedSlo | None = None
+    references: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def lora_serving(self) -> LoraServing | None:
+        if self.figure.lora_adapters and self.config.lora_dist not in (None, "none"):
+            return LoraServing(num_adapters=8, rank=self.config.lora_rank)
+        return None
+
+
+class StudyObserver:
+    """Hooks with do-nothing defaults; the live table and the plain printer override them."""
+
+    def on_start(self, ctx: StudyContext, n_trials: int) -> None: ...
+    def on_reference(self, ctx: StudyContext, name: str, metrics: Mapping[str, float], cached: bool) -> None: ...
+    def on_trial_start(self, ctx: StudyContext, number: int, params: Mapping[str, float]) -> None: ...
+    def on_progress(self, fraction: float, status: str) -> None: ...
+    def on_trial_end(self, ctx: StudyContext, trial: optuna.trial.FrozenTrial) -> None: ...
+    def on_end(self, ctx: StudyContext) -> None: ...
+
+
+# ---------------------------------------------------------------- storage
+
+
+def storage_url(config: StudyConfig) -> str:
+    if config.storage is not None:
+        return config.storage
+    return f"sqlite:///{config.runs_dir / 'studies.db'}"
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """An Optuna storage, or a one-line error naming what is wrong with the URL."""
+    if url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///"))
+        if str(path) not in ("", ":memory:"):
+            if path.exists() and not path.is_file():
+                raise UserError(f"storage {url}: {path} is not a file")
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UserError(f"storage {url}: cannot create {path.parent}: {e.strerror}") from None
+            if path.exists():
+                with open(path, "rb") as f:
+                    head = f.read(16)
+                if head and head != b"SQLite format 3\x00":
+                    raise UserError(f"storage {url}: {path} is not an SQLite database")
+    elif url.endswith((".log", ".journal", ".jsonl")) and "://" not in url:
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        return JournalStorage(JournalFileBackend(url))
+    try:
+        return optuna.storages.get_storage(url)
+    except Exception as e:  # noqa: BLE001  (SQLAlchemy and drivers raise many kinds)
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"unusable storage URL {url!r}: {msg}") from None
+
+
+# ---------------------------------------------------------------- preparation
+
+
+def default_study_name(config: StudyConfig, rate_req_s: float, backend: str) -> str:
+    name = f"{config.system}-{config.figure}"
+    if rate_req_s > 0:
+        name += f"-{rate_req_s:g}rps"
+    if config.lora_dist is not None:
+        name += f"-lora-{config.lora_dist}-r{config.lora_rank}"
+    return f"{name}-{backend}"
+
+
+def _check_figure_options(config: StudyConfig, figure: FigurePreset) -> None:
+    if figure.systems is not None and config.system not in figure.systems:
+        raise UserError(f"{figure.name} is for {', '.join(figure.systems)} only, not {config.system}")
+    if config.lora_dist is not None and not figure.lora_adapters:
+        raise UserError(f"--lora-dist applies to fig13 only, not {figure.name}")
+    if config.rate_req_s is not None and not (config.rate_req_s > 0 and math.isfinite(config.rate_req_s)):
+        raise UserError(f"--rate must be a positive number of requests/s, got {config.rate_req_s:g}")
+    if config.num_prompts is not None and config.num_prompts < 1:
+        raise UserError(f"--num-prompts must be at least 1, got {config.num_prompts}")
+    if config.trial_seconds is not None and not config.trial_seconds > 0:
+        raise UserError(f"--trial-seconds must be positive, got {config.trial_seconds:g}")
+
+
+def _build_workload(config: StudyConfig, figure: FigurePreset, system: System, rate: float) -> Workload | None:
+    if not figure.serves:
+        return None
+    from autotune.workloads.build import WorkloadOptions, build_workload
+
+    num_prompts = config.num_prompts or figure.prompts(rate, system.prompts_per_rate)
+    lora_dist = (config.lora_dist or "uniform") if figure.lora_adapters else None
+    workload = build_workload(
+        WorkloadOptions(
+            arrivals=figure.arrivals,
+            rate_req_s=rate,
+            num_prompts=num_prompts,
+            seed=config.seed,
+            sharegpt_path=config.sharegpt_path,
+            burstgpt_path=config.burstgpt_path,
+            tokenizer_path=config.tokenizer_path,
+            lora_dist=lora_dist,
+        )
+    )
+    if config.trial_seconds is not None:
+        workload = workload.truncated(config.trial_seconds)
+        if len(workload) == 0:
+            raise UserError(f"--trial-seconds {config.trial_seconds:g} leaves no request of the workload")
+    return workload
+
+
+def _workload_digest(workload: Workload | None) -> str:
+    if workload is None:
+        return "none"
+    h = hashlib.sha256()
+    for r in workload.requests:
+        h.update(f"{r.arrival_s:.6f},{r.prompt_len},{r.output_len},{r.adapter};".encode())
+    return h.hexdigest()[:16]
+
+
+def _identity(ctx_config: StudyConfig, model: ModelConfig, rate: float, workload: Workload | None,
+              space: SearchSpace, backend: Backend) -> dict[str, Any]:
+    """What must match for a study to be resumed."""
+    return {
+        "system": ctx_config.system,
+        "figure": ctx_config.figure,
+        "backend": backend.name,
+        "hardware": backend.hardware,
+        "model": model.name,
+        "rate_req_s": rate,
+        "workload_digest": _workload_digest(workload),
+        "search_space": {k.name: [k.low, k.high, k.step, k.log] for k in space},
+        "lora_rank": ctx_config.lora_rank if ctx_config.lora_dist is not None else None,
+    }
+
+
+def prepare(config: StudyConfig, backend: Backend) -> StudyContext:
+    """Resolve names, ranges, workload and storage; create or resume the study."""
+    system = get_system(config.system)
+    figure = get_figure(config.figure)
+    _check_figure_options(config, figure)
+    space = system.search_space(config.search_space_path)
+    model = _resolve_model(config.model or figure.model)
+    if config.rate_req_s is not None:
+        rate, basis = config.rate_req_s, "--rate"
+    else:
+        rate, hw = figure.default_rate(backend.hardware)
+        basis = f"{hw} preset" if figure.serves else "no serving"
+    workload = _build_workload(config, figure, system, rate)
+    identity = _identity(config, model, rate, workload, space, backend)
+
+    storage = open_storage(storage_url(config))
+    name = config.study_name or default_study_name(config, rate, backend.name)
+    existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
+    if name in existing:
+        stored = existing[name].user_attrs.get("identity")
+        if stored is not None and stored != json.loads(json.dumps(identity)):
+            diff = sorted(k for k in identity if json.dumps(identity[k]) != json.dumps(stored.get(k)))
+            raise UserError(
+                f"study {name!r} exists with other settings ({', '.join(diff)}); "
+                "pass --study-name for a new study"
+            )
+    n_done = existing[name].n_trials if name in existing else 0
+    sampler = make_sampler(config.sampler, space, seed=config.seed + 1000 * n_done)
+    study = optuna.create_study(
+        study_name=name, storage=storage, sampler=sampler, direction="maximize", load_if_exists=True
+    )
+    if "identity" not in study.user_attrs:
+        study.set_user_attr("identity", identity)
+        study.set_user_attr("config", _config_record(config, figure, model, rate, basis, workload, space, backend))
+    return StudyContext(config, system, figure, space, model, rate, basis, workload, study, backend)
+
+
+def _resolve_model(name_or_path: str) -> ModelConfig:
+    path = Path(name_or_path)
+    if (path / "config.json").is_file():
+        from autotune.models import from_hf_config
+
+        return from_hf_config(path)
+    return from_name(name_or_path)
+
+
+def _config_record(config: StudyConfig, figure: FigurePreset, model: ModelConfig, rate: float, basis: str,
+                   workload: Workload | None, space: SearchSpace, backend: Backend) -> dict[str, Any]:
+    return {
+        "system": config.system,
+        "figure": figure.name,
+        "rate_req_s": rate,
+        "rate_basis": basis,
+        "num_prompts": len(workload) if workload is not None else 0,
+        "workload": workload.description if workload is not None else "no serving",
+        "synthetic_workload": bool(workload is not None and workload.synthetic),
+        "seed": config.seed,
+        "model": model.name,
+        "lora_dist": config.lora_dist,
+        "lora_rank": config.lora_rank if figure.lora_adapters else None,
+        "search_space": {k.name: k.describe_range() for k in space},
+        "search_space_source": space.source,
+        "backend": backend.describe(),
+    }
+
+
+# ---------------------------------------------------------------- references
+
+
+def _reference_spec(ctx: StudyContext, kind: TrialKind) -> TrialSpec:
+    params = ctx.space.defaults()
+    policy = ctx.system.policy(params)
+    if kind is TrialKind.SERVING_ALONE:
+        policy = SharingPolicy(mps=False, gpu_memory_utilization=REFERENCE_GPU_MEMORY_UTILIZATION)
+    else:  # trainer alone: nothing to pause for, full GPU
+        policy = SharingPolicy(mps=False, gpu_memory_utilization=policy.gpu_memory_utilization)
+    return TrialSpec(
+        kind=kind, system=ctx.system.name, params={}, policy=policy, model=ctx.model,
+        workload=ctx.workload if kind is TrialKind.SERVING_ALONE else None,
+        seed=ctx.config.seed, lora_serving=ctx.lora_serving, warmup_s=ctx.config.warmup_s,
+    )
+
+
+class ReferenceCache:
+    """Reference runs shared by studies: per hardware, model, figure, rate and workload."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _load(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return self._load().get(key)
+
+    def put(self, key: str, record: dict[str, Any]) -> None:
+        data = self._load()
+        data[key] = record
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
+        tmp.replace(self.path)  # atomic: a crash never leaves half a file
+
+
+def _reference_key(ctx: StudyContext, kind: TrialKind) -> str:
+    parts = [kind.value, ctx.backend.cache_key(), ctx.model.name]
+    if kind is TrialKind.SERVING_ALONE:
+        parts += [ctx.figure.name, f"{ctx.rate_req_s:g}", _workload_digest(ctx.workload),
+                  str(ctx.lora_serving)]
+    return "|".join(parts)
+
+
+def run_references(ctx: StudyContext, observer: StudyObserver) -> None:
+    """Serving alone (for relative SLOs) and trainer alone (the PEFT ceiling),
+    made once and stored with the study (and, across studies, in the runs dir)."""
+    stored = ctx.study.user_attrs.get("references", {})
+    cache = ReferenceCache(ctx.config.runs_dir / "references.json")
+    kinds = [TrialKind.TRAINER_ALONE]
+    if ctx.workload is not None:
+        kinds.insert(0, TrialKind.SERVING_ALONE)
+    for kind in kinds:
+        key = _reference_key(ctx, kind)
+        record = stored.get(kind.value) or cache.get(key)
+        cached = record is not None
+        if record is None:
+            observer.on_progress(0.0, f"reference run: {kind.value.replace('_', ' ')}")
+            result = ctx.backend.run_trial(_reference_spec(ctx, kind), observer.on_progress)
+            record = {"metrics": result.metrics(), "error": result.error, "result": _result_record(result)}
+            if result.error is None:
+                cache.put(key, record)
+        ctx.references[kind.value] = record
+        observer.on_reference(ctx, kind.value, record["metrics"], cached)
+    ctx.study.set_user_attr("references", ctx.references)
+
+    if ctx.workload is None:
+        ctx.slo = None
+        return
+    ref = _result_from_record(ctx.references[TrialKind.SERVING_ALONE.value])
+    if "slo" in ctx.study.user_attrs and ctx.study.trials:
+        ctx.slo = ResolvedSlo.from_dict(ctx.study.user_attrs["slo"])
+        new = resolve(ctx.config.slo, ref)
+        if new != ctx.slo:
+            raise UserError(
+                f"study {ctx.study.study_name!r} was run with other SLOs "
+                f"(P99 TTFT {ctx.slo.ttft_p99_ms:.1f} ms, TPOT {ctx.slo.tpot_p99_ms:.2f} ms); "
+                "pass the same SLO options or --study-name for a new study"
+            )
+    else:
+        ctx.slo = resolve(ctx.config.slo, ref)
+        ctx.study.set_user_attr("slo", ctx.slo.to_dict())
+
+
+def _result_record(result: TrialResult) -> dict[str, Any]:
+    return {
+        "serving": asdict(result.serving) if result.serving is not None else None,
+        "error": result.error,
+    }
+
+
+def _result_from_record(record: dict[str, Any]) -> TrialResult:
+    from autotune.metrics import LatencyStats, ServingMetrics
+
+    s = record["result"]["serving"]
+    serving = None
+    if s is not None:
+        stats = {k: LatencyStats(**s[k]) for k in ("ttft", "tpot", "itl", "e2el")}
+        serving = ServingMetrics(**{**s, **stats})
+    return TrialResult(serving=serving, peft=None, error=record["result"]["error"])
+
+
+# ---------------------------------------------------------------- trials
+
+
+def trial_spec(ctx: StudyContext, params: Mapping[str, float], number: int) -> TrialSpec:
+    return TrialSpec(
+        kind=TrialKind.COLOCATED if ctx.workload is not None else TrialKind.TRAINER_ALONE,
+        system=ctx.system.name, params=dict(params), policy=ctx.system.policy(params),
+        model=ctx.model, workload=ctx.workload, seed=ctx.config.seed + number,
+        lora_serving=ctx.lora_serving, warmup_s=ctx.config.warmup_s, number=number,
+    )
+
+
+def record_trial(ctx: StudyContext, trial: optuna.Trial, result: TrialResult) -> float:
+    """Set both constraints and the metrics on the trial; its objective value."""
+    margins = constraint_margins(result, ctx.slo)
+    for key, value in margins.items():
+        trial.set_constraint(key, value)
+    metrics = result.metrics()
+    trial.set_user_attr("metrics", metrics)
+    trial.set_user_attr("outcome", "crashed" if result.crashed else ("feasible" if feasible(margins) else "infeasible"))
+    if result.error is not None:
+        trial.set_user_attr("error", result.error)
+    if result.notes:
+        trial.set_user_attr("notes", list(result.notes))
+    return 0.0 if result.crashed else metrics.get("peft_samples_per_s", 0.0)
+
+
+def run_trials(ctx: StudyContext, n_trials: int, observer: StudyObserver) -> None:
+    """``n_trials`` more trials (fewer if a grid is exhausted).
+
+    Ctrl-C during a trial: the trial gets both constraints and its reason,
+    Optuna records it FAIL, and the interrupt goes on up.
+    """
+    study = ctx.study
+    if not study.trials and not isinstance(study.sampler, optuna.samplers.GridSampler):
+        study.enqueue_trial(ctx.space.defaults())  # the artifact's example values first
+
+    def objective(trial: optuna.Trial) -> float:
+        params = {k.name: _suggest(trial, k) for k in ctx.space}
+        observer.on_trial_start(ctx, trial.number, params)
+        try:
+            result = ctx.backend.run_trial(trial_spec(ctx, params, trial.number), observer.on_progress)
+        except KeyboardInterrupt:
+            for key in CONSTRAINT_KEYS:
+                trial.set_constraint(key, CRASH_VIOLATION)
+            trial.set_user_attr("outcome", "interrupted")
+            trial.set_user_attr("error", "interrupted (Ctrl-C)")
+            raise
+        return record_trial(ctx, trial, result)
+
+    def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        observer.on_trial_end(ctx, trial)
+
+    study.optimize(objective, n_trials=n_trials, callbacks=[callback], catch=(), gc_after_trial=False)
+
+
+def _suggest(trial: optuna.Trial, knob) -> float:
+    dist = knob.distribution()
+    if isinstance(dist, optuna.distributions.IntDistribution):
+        return trial.suggest_int(knob.name, dist.low, dist.high, step=dist.step, log=dist.log)
+    return trial.suggest_float(knob.name, dist.low, dist.high, step=dist.step, log=dist.log)
+
+
+def run_study(config: StudyConfig, backend: Backend, n_trials: int,
+              observer: StudyObserver | None = None) -> StudyContext:
+    """Create or resume the study, make the reference runs, run ``n_trials`` more trials."""
+    observer = observer or StudyObserver()
+    ctx = prepare(config, backend)
+    observer.on_start(ctx, n_trials)
+    run_references(ctx, observer)
+    run_trials(ctx, n_trials, observer)
+    observer.on_end(ctx)
+    return ctx

@@ -1,0 +1,175 @@
+"""The study loop: constraints on every trial, crashes, resume, SLOs, Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+
+from autotune.backends import Backend
+from autotune.errors import UserError
+from autotune.metrics import PeftMetrics, RequestRecord, serving_metrics
+from autotune.results import StudyResult, write_json
+from autotune.slo import CRASH_VIOLATION, SloSpec
+from autotune.study import StudyConfig, run_study
+from autotune.trial import TrialKind, TrialResult, TrialSpec
+
+
+class ScriptedBackend(Backend):
+    """Known answers: serving alone has P99 TTFT 30 ms and TPOT 8 ms; beside
+    the trainer at p % of the SMs, TTFT = 29 + 0.5 p ms and PEFT = 3 p / 100
+    samples/s. At p = 35 the trial crashes."""
+
+    name = "scripted"
+
+    def __init__(self, crash_at: int | None = 35, interrupt_at: int | None = None) -> None:
+        self.calls: list[TrialSpec] = []
+        self.crash_at = crash_at
+        self.interrupt_at = interrupt_at
+
+    @staticmethod
+    def _records(spec: TrialSpec, ttft_s: float, tpot_s: float) -> list[RequestRecord]:
+        out = []
+        for r in spec.workload.requests:
+            times = tuple(r.arrival_s + ttft_s + k * tpot_s for k in range(r.output_len))
+            out.append(RequestRecord(r.prompt_len, r.output_len, r.arrival_s, times))
+        return out
+
+    def run_trial(self, spec, progress=lambda f, s: None):
+        self.calls.append(spec)
+        if spec.kind is TrialKind.TRAINER_ALONE:
+            return TrialResult(serving=None, peft=PeftMetrics(3.0, 1536.0, 60, 20.0))
+        if spec.kind is TrialKind.SERVING_ALONE:
+            return TrialResult(serving=serving_metrics(self._records(spec, 0.030, 0.008)), peft=None)
+        pct = spec.params["mps_active_thread_pct"]
+        if pct == self.interrupt_at:
+            raise KeyboardInterrupt
+        if pct == self.crash_at:
+            return TrialResult.crash("trainer out of memory")
+        serving = serving_metrics(self._records(spec, (29 + 0.5 * pct) / 1000, 0.008))
+        peft = PeftMetrics(3.0 * pct / 100, 1536.0 * pct / 100, 10, 20.0)
+        return TrialResult(serving=serving, peft=peft)
+
+
+def _config(tmp_path, **kw) -> StudyConfig:
+    base = dict(system="vllm-torchtune", figure="fig8a", rate_req_s=2.0, num_prompts=20,
+                sampler="grid", runs_dir=tmp_path, seed=0)
+    base.update(kw)
+    return StudyConfig(**base)
+
+
+def test_every_finished_trial_has_both_constraints_and_crashes_are_infeasible(tmp_path):
+    ctx = run_study(_config(tmp_path), ScriptedBackend(), n_trials=25)
+    trials = ctx.study.trials
+    assert len(trials) == 19  # the grid of 10..100 step 5, then the study stops
+    for t in trials:
+        assert set(t.constraints) == {"ttft_p99", "tpot_p99"}, t.number
+    crashed = [t for t in trials if t.params["mps_active_thread_pct"] == 35]
+    assert len(crashed) == 1
+    c = crashed[0]
+    assert c.state == optuna.trial.TrialState.COMPLETE and c.value == 0.0
+    assert c.constraints == {"ttft_p99": CRASH_VIOLATION, "tpot_p99": CRASH_VIOLATION}
+    assert c.user_attrs["outcome"] == "crashed" and c.user_attrs["error"] == "trainer out of memory"
+    # SLO: TTFT <= 2 x 30 ms, so p <= 60 is feasible; the best is p = 60.
+    assert ctx.slo.ttft_p99_ms == pytest.approx(60.0)
+    assert ctx.slo.tpot_p99_ms == pytest.approx(12.0)
+    assert ctx.study.best_trial.params == {"mps_active_thread_pct": 60}
+    assert StudyResult.of(ctx.study).best.params == {"mps_active_thread_pct": 60}
+
+
+def test_first_trial_is_the_artifacts_example(tmp_path):
+    ctx = run_study(_config(tmp_path, sampler="tpe"), ScriptedBackend(), n_trials=2)
+    assert ctx.study.trials[0].params == {"mps_active_thread_pct": 80}
+
+
+def test_margins_are_relative_and_signed(tmp_path):
+    ctx = run_study(_config(tmp_path, sampler="random"), ScriptedBackend(), n_trials=1)
+    t = ctx.study.trials[0]  # p = 80: TTFT 69 ms against 60 ms
+    assert t.constraints["ttft_p99"] == pytest.approx(69 / 60 - 1)
+    assert t.constraints["tpot_p99"] == pytest.approx(8 / 12 - 1)
+    assert t.user_attrs["outcome"] == "infeasible"
+    assert t.user_attrs["metrics"]["ttft_p99_ms"] == pytest.approx(69.0)
+
+
+def test_absolute_slo(tmp_path):
+    ctx = run_study(_config(tmp_path, sampler="random", slo=SloSpec(ttft_p99_ms=75.0, tpot_p99_ms=9.0)),
+                    ScriptedBackend(), 1)
+    assert (ctx.slo.ttft_p99_ms, ctx.slo.tpot_p99_ms) == (75.0, 9.0)
+    assert ctx.study.trials[0].user_attrs["outcome"] == "feasible"
+
+
+def test_resume_adds_trials_and_reuses_the_references(tmp_path):
+    first = ScriptedBackend()
+    run_study(_config(tmp_path, sampler="random"), first, n_trials=3)
+    assert sum(s.kind is not TrialKind.COLOCATED for s in first.calls) == 2
+    again = ScriptedBackend()
+    ctx = run_study(_config(tmp_path, sampler="random"), again, n_trials=2)
+    assert len(ctx.study.trials) == 5
+    assert all(s.kind is TrialKind.COLOCATED for s in again.calls)  # references stored with the study
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    run_study(_config(tmp_path), ScriptedBackend(), n_trials=1)
+    with pytest.raises(UserError, match="exists with other settings"):
+        run_study(_config(tmp_path, num_prompts=30, study_name="vllm-torchtune-fig8a-2rps-scripted"),
+                  ScriptedBackend(), n_trials=1)
+
+
+def test_ctrl_c_records_the_trial_as_failed_with_constraints(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        run_study(_config(tmp_path, sampler="random"), ScriptedBackend(interrupt_at=80), n_trials=3)
+    study = optuna.load_study(study_name="vllm-torchtune-fig8a-2rps-scripted",
+                              storage=f"sqlite:///{tmp_path / 'studies.db'}")
+    (t,) = study.trials
+    assert t.state == optuna.trial.TrialState.FAIL
+    assert t.user_attrs["error"] == "interrupted (Ctrl-C)"
+    assert set(t.constraints) == {"ttft_p99", "tpot_p99"}
+
+
+def test_figure_restricted_to_one_system(tmp_path):
+    with pytest.raises(UserError, match="fig12 is for llmstation only"):
+        run_study(_config(tmp_path, figure="fig12"), ScriptedBackend(), 1)
+
+
+@pytest.mark.parametrize("url, match", [
+    ("nosuchdb://x", "unusable storage URL"),
+    ("sqlite:////proc/forbidden/dir/studies.db", "cannot create"),
+])
+def test_bad_storage_url(tmp_path, url, match):
+    with pytest.raises(UserError, match=match):
+        run_study(_config(tmp_path, storage=url), ScriptedBackend(), 1)
+
+
+def test_not_an_sqlite_file_is_refused_and_left_alone(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    with pytest.raises(UserError, match="not an SQLite database"):
+        run_study(_config(tmp_path, storage=f"sqlite:///{notes}"), ScriptedBackend(), 1)
+    assert notes.read_text() == "my notes"
+
+
+def test_results_json(tmp_path):
+    ctx = run_study(_config(tmp_path), ScriptedBackend(), n_trials=19)
+    path = tmp_path / "out.json"
+    write_json(StudyResult.of(ctx.study), path)
+    doc = json.loads(path.read_text())
+    assert doc["system"] == "vllm-torchtune" and doc["figure"] == "fig8a" and doc["rate_req_s"] == 2.0
+    assert doc["backend"] == "scripted" and doc["model"] == "llama-3.1-8b"
+    assert doc["slo"]["ttft_p99_ms"] == pytest.approx(60.0)
+    assert doc["reference"]["serving_alone"]["ttft_p99_ms"] == pytest.approx(30.0)
+    assert doc["reference"]["trainer_alone"]["peft_samples_per_s"] == 3.0
+    assert doc["best"]["params"] == {"mps_active_thread_pct": 60}
+    assert doc["best"]["metrics"]["peft_samples_per_s"] == pytest.approx(1.8)
+    assert len(doc["trials"]) == 19
+    assert {"number", "state", "params", "metrics", "constraints"} <= set(doc["trials"][0])
+
+
+def test_no_feasible_setting(tmp_path):
+    ctx = run_study(_config(tmp_path, slo=SloSpec(ttft_p99_ms=10.0, tpot_p99_ms=5.0)), ScriptedBackend(), 3)
+    result = StudyResult.of(ctx.study)
+    assert result.best is None
+    from autotune.results import summary_text
+
+    assert "no setting meets the SLO; PEFT throughput counts as 0" in summary_text(result)
+    assert result.to_dict()["best"] is None
