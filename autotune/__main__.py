@@ -1,3 +1,3 @@
-from autotune.cli import _console_main
+from autotune.cli import main
 
-_console_main()
+main()

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
 from rich.console import Console
 
 from autotune.errors import UserError
@@ -23,8 +24,49 @@ from autotune.samplers import DEFAULT_SAMPLER, SAMPLERS
 from autotune.slo import SloSpec
 from autotune.systems import SYSTEMS
 
+def _click_exceptions(name: str) -> tuple[type[BaseException], ...]:
+    """Typer vendors click in newer releases and uses click itself in older ones."""
+    classes = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            classes.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(classes)
+
+
+class _Group(TyperGroup):
+    """Every user error is one line on stderr and exit code 2; no traceback."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        err = Console(stderr=True, highlight=False, soft_wrap=True)
+        try:
+            super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except UserError as e:
+            err.print(f"autotune: error: {e}", markup=False)
+            sys.exit(2)
+        except _click_exceptions("NoArgsIsHelpError") as e:
+            print(e.ctx.get_help())
+            sys.exit(0)
+        except _click_exceptions("UsageError") as e:
+            err.print(f"autotune: error: {_usage_message(e)}", markup=False)
+            sys.exit(2)
+        except (KeyboardInterrupt, *_click_exceptions("Abort")):
+            err.print("autotune: interrupted; the study keeps every finished trial", markup=False)
+            sys.exit(130)
+        sys.exit(0)
+
+
+def _usage_message(e) -> str:
+    msg = " ".join(e.format_message().split()).replace("Value error, ", "")
+    if "No such command" in msg:
+        msg += f" Choose one of: {', '.join([*SYSTEMS, 'workload', 'list'])}."
+    return msg
+
+
 app = typer.Typer(
     name="autotune",
+    cls=_Group,
     help="SLO-aware autotuner for GPU sharing between LLM serving and LoRA fine-tuning.",
     add_completion=False,
     no_args_is_help=True,
@@ -176,42 +218,6 @@ def list_presets() -> None:
         print(f"{fig.name:16s} {fig.description}")
 
 
-def _click_exceptions(name: str) -> tuple[type[BaseException], ...]:
-    """Typer vendors click in newer releases and uses click itself in older ones."""
-    classes = []
-    for module in ("typer._click.exceptions", "click.exceptions"):
-        try:
-            classes.append(getattr(__import__(module, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(classes)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point: every user error is one line and exit code 2."""
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
-    try:
-        app(args=argv, standalone_mode=False)
-    except UserError as e:
-        err.print(f"autotune: error: {e}", markup=False)
-        return 2
-    except _click_exceptions("UsageError") as e:
-        msg = " ".join(e.format_message().split()).replace("Value error, ", "")
-        param = getattr(e, "param", None)
-        if param is not None and getattr(param, "opts", None) and param.opts[0] not in msg:
-            msg = f"invalid value for {param.opts[0]}: {msg}"
-        if "No such command" in msg:
-            msg += f" Choose one of: {', '.join([*SYSTEMS, 'workload', 'list'])}."
-        err.print(f"autotune: error: {msg}", markup=False)
-        return 2
-    except _click_exceptions("Abort"):
-        err.print("autotune: interrupted", markup=False)
-        return 130
-    except KeyboardInterrupt:
-        err.print("autotune: interrupted; the study keeps every finished trial", markup=False)
-        return 130
-    return 0
-
-
-def _console_main() -> None:
-    sys.exit(main())
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``autotune`` script."""
+    app(args=argv, prog_name="autotune")
