@@ -60,7 +60,7 @@ class _Group(TyperGroup):
 def _usage_message(e) -> str:
     msg = " ".join(e.format_message().split()).replace("Value error, ", "")
     if "No such command" in msg:
-        msg += f" Choose one of: {', '.join([*SYSTEMS, 'workload', 'list'])}."
+        msg += f" Choose one of: {', '.join([*SYSTEMS, 'workload', 'show', 'list'])}."
     return msg
 
 
@@ -202,6 +202,36 @@ def workload(
     except OSError as e:
         raise UserError(f"cannot write {out}: {e.strerror}") from None
     print(f"{len(wl)} requests over {wl.duration_s:.1f} s ({wl.description}) written to {out}")
+
+
+@app.command()
+def show(
+    study_name: Annotated[str, typer.Argument(help="the study's name (as printed when it ran)")],
+    storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL (default: SQLite under --runs-dir)")] = None,
+    runs_dir: Annotated[Path, typer.Option()] = Path("autotune-runs"),
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="write the results here")] = None,
+    pareto: Annotated[bool, typer.Option(help="print the P99 TPOT vs PEFT-throughput Pareto front")] = False,
+) -> None:
+    """The trials and best setting of a stored study."""
+    from autotune.live import trial_table
+    from autotune.results import format_params, load_result, pareto_front, summary_text, write_json
+
+    url = storage or f"sqlite:///{runs_dir / 'studies.db'}"
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        raise UserError(f"no study database at {url.removeprefix('sqlite:///')}")
+    result = load_result(url, study_name)
+    slo = result.slo or {}
+    knobs = list(result.rows[0].params) if result.rows else []
+    Console().print(trial_table(result.rows, knobs, slo.get("ttft_p99_ms"), slo.get("tpot_p99_ms")))
+    print(summary_text(result))
+    if pareto:
+        print("Pareto front (P99 TPOT ms vs PEFT samples/s):")
+        for r in pareto_front(result.rows):
+            print(f"  #{r.number}: {r.metrics['tpot_p99_ms']:.2f} ms, {r.peft_samples_per_s:.3f} samples/s, "
+                  f"{r.outcome}; {format_params(r.params)}")
+    if json_path is not None:
+        write_json(result, json_path)
+        print(f"results written to {json_path}")
 
 
 @app.command(name="list")

@@ -1,0 +1,379 @@
+"""The GPU backend's LoRA trainer: one process fine-tuning beside the server.
+
+    python -m autotune.gpu.trainer --config CONFIG.json
+
+The model is built with torchtune's model builders for any preset (random
+weights: the same shapes give the same speed) or a local Hugging Face folder
+(its ``*.safetensors`` loaded when present): LoRA rank 8 / alpha 16 on q, k and
+v only, base frozen, bf16 on CUDA, batch 1 of ``seq_len_tokens`` synthetic
+token ids, AdamW lr 3e-4 over the LoRA weights, per-layer activation
+checkpointing. Each step runs as tasklets (``autotune.gpu.tasklets``); the
+sharing policy says where the trainer may stop for inference:
+
+- ``Preemption.NONE``: runs freely (its MPS share comes from the environment,
+  ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``, set by whoever launches it);
+- ``Preemption.ITERATION`` (FineInfer): starts no iteration while requests are
+  in flight, polling every ``iteration_poll_s``;
+- ``Preemption.TASKLET`` (LLMStation): pause points between tasklets. Without a
+  channel (the trainer alone, fig12) the checks still run and never wait.
+
+Outputs, all optional paths from the config:
+- iteration log: JSON lines, one per finished step after warm-up,
+  ``{"start_s", "end_s", "tokens", "loss"}`` on the ``time.time()`` clock
+  (shared with the load generator in another process);
+- status file: JSON, ``{"state": "starting"|"ready"|"stopped"|"oom"|"error", ...}``;
+- stdout: ``READY_LINE`` once warm-up is done.
+Runs until the channel's stop flag, SIGTERM/SIGINT, or ``max_steps``.
+Exit codes: 0 clean stop, ``EXIT_OOM`` (3) out of GPU memory, 1 other errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+from autotune.errors import UserError
+from autotune.metrics import TrainerIteration
+from autotune.models import ModelConfig, from_hf_config, from_name
+from autotune.policy import Preemption, SharingPolicy
+
+EXIT_OOM = 3  # the backend records "trainer out of memory"
+EXIT_ERROR = 1
+READY_LINE = "autotune-trainer: ready"
+LORA_ATTN_MODULES = ["q_proj", "k_proj", "v_proj"]
+
+
+class TrainerChannel(Protocol):
+    """What the trainer uses of ``autotune.gpu.channel.Channel``."""
+
+    def requests_in_flight(self) -> int: ...
+    def set_trainer_in_iteration(self, value: bool) -> None: ...
+    def stop_requested(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    model: str  # a preset name (autotune.models.PRESETS) or a local model folder
+    policy: dict[str, Any]  # SharingPolicy.to_dict()
+    iteration_log: str | None = None  # JSON lines path
+    status_path: str | None = None  # JSON path
+    seq_len_tokens: int | None = None  # None: policy.trainer_seq_len_tokens
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lr: float = 3e-4
+    channel: str | None = None  # shared-memory channel name; None: the trainer alone
+    seed: int = 0
+    device: str = "cuda"
+    dtype: str | None = None  # None: bfloat16 on CUDA, float32 on CPU
+    warmup_steps: int = 2  # steps before the ready marker, not logged
+    max_steps: int | None = None  # logged steps before stopping; None: until asked
+
+    def sharing_policy(self) -> SharingPolicy:
+        return policy_from_dict(self.policy)
+
+    def seq_len(self) -> int:
+        return self.seq_len_tokens or self.sharing_policy().trainer_seq_len_tokens
+
+    def write(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=1), encoding="utf-8")
+
+    @classmethod
+    def read(cls, path: str | Path) -> TrainerConfig:
+        try:
+            return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError) as e:
+            raise UserError(f"bad trainer config {path}: {e}") from None
+
+
+def policy_from_dict(d: dict[str, Any]) -> SharingPolicy:
+    return SharingPolicy(**{**d, "preemption": Preemption(d.get("preemption", "none"))})
+
+
+def trainer_command(config_path: str | Path) -> list[str]:
+    """The command line that starts the trainer process."""
+    return [sys.executable, "-m", "autotune.gpu.trainer", "--config", str(config_path)]
+
+
+# ---------------------------------------------------------------- the model
+
+
+def model_config(model: str) -> ModelConfig:
+    """A preset's shapes, or those of a local folder's ``config.json``."""
+    return from_hf_config(Path(model)) if Path(model).is_dir() else from_name(model)
+
+
+def _builder(cfg: ModelConfig) -> tuple[Callable[..., Any], dict[str, Any]]:
+    """torchtune's LoRA component builder for these shapes, and its model-specific kwargs."""
+    from torchtune.models.llama2._component_builders import lora_llama2
+    from torchtune.models.llama3._component_builders import lora_llama3
+    from torchtune.models.llama3_1._component_builders import lora_llama3_1
+    from torchtune.models.llama3_2._component_builders import lora_llama3_2
+    from torchtune.models.qwen2._component_builders import lora_qwen2
+
+    if cfg.qkv_bias:  # Qwen2 / Qwen2.5: q/k/v bias
+        return lora_qwen2, {"rope_base": cfg.rope_theta, "tie_word_embeddings": cfg.tie_word_embeddings}
+    scaling = cfg.rope_scaling or {}
+    if scaling.get("rope_type", scaling.get("type")) == "llama3":
+        expected = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+        for key, value in expected.items():  # torchtune's Llama3ScaledRoPE fixes these
+            if float(scaling.get(key, value)) != value:
+                raise UserError(f"{cfg.name}: rope_scaling {key}={scaling[key]} is not supported (torchtune fixes {value})")
+        kwargs = {"rope_base": cfg.rope_theta, "scale_factor": scaling["factor"]}
+        if cfg.tie_word_embeddings:
+            return lora_llama3_2, {**kwargs, "tie_word_embeddings": True}
+        return lora_llama3_1, kwargs
+    if scaling:
+        raise UserError(f"{cfg.name}: rope_scaling {scaling} is not supported")
+    if cfg.tie_word_embeddings:
+        raise UserError(f"{cfg.name}: tied embeddings without llama3 rope scaling are not supported")
+    if cfg.rope_theta == 10000.0:
+        return lora_llama2, {}  # Llama 2's rotary base
+    return lora_llama3, {"rope_base": cfg.rope_theta}
+
+
+def build_model(
+    cfg: ModelConfig, *, seq_len: int, lora_rank: int, lora_alpha: float, device: str, dtype: Any, seed: int = 0
+) -> Any:
+    """torchtune ``TransformerDecoder`` with LoRA on q/k/v, random init from
+    ``seed``, only the LoRA weights trainable."""
+    import torch
+    from torchtune.modules.peft import get_adapter_params, set_trainable_params
+    from torchtune.training import set_default_dtype
+
+    if cfg.hidden_size // cfg.num_heads != cfg.head_dim:
+        raise UserError(f"{cfg.name}: head_dim {cfg.head_dim} != hidden/heads; torchtune's builders need that")
+    builder, kwargs = _builder(cfg)
+    cuda = torch.device(device).type == "cuda"
+    # The builders draw their init from torch's default generator: seed it
+    # inside fork_rng, so that the global state is left as it was.
+    with torch.random.fork_rng(devices=[torch.device(device)] if cuda else []), set_default_dtype(dtype), torch.device(device):
+        torch.manual_seed(seed)
+        model = builder(
+            lora_attn_modules=LORA_ATTN_MODULES,
+            apply_lora_to_mlp=False,
+            apply_lora_to_output=False,
+            vocab_size=cfg.vocab_size,
+            num_layers=cfg.num_layers,
+            num_heads=cfg.num_heads,
+            num_kv_heads=cfg.num_kv_heads,
+            embed_dim=cfg.hidden_size,
+            intermediate_dim=cfg.intermediate_size,
+            max_seq_len=seq_len,  # RoPE cache length; one sample is seq_len tokens
+            norm_eps=cfg.rms_norm_eps,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            **kwargs,
+        )
+    set_trainable_params(model, get_adapter_params(model))
+    return model
+
+
+def load_hf_weights(model: Any, cfg: ModelConfig, folder: Path) -> int:
+    """Load a Hugging Face folder's ``*.safetensors`` into the base weights
+    (torchtune's own key conversion). Returns the number of tensors loaded."""
+    from safetensors.torch import load_file
+    from torchtune.models.convert_weights import hf_to_tune
+    from torchtune.models.qwen2._convert_weights import qwen2_hf_to_tune
+
+    dims = {"num_heads": cfg.num_heads, "num_kv_heads": cfg.num_kv_heads, "dim": cfg.hidden_size, "head_dim": cfg.head_dim}
+    state: dict[str, Any] = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        hf = load_file(str(shard), device="cpu")
+        if cfg.qkv_bias:
+            state.update(qwen2_hf_to_tune(hf, tie_word_embeddings=cfg.tie_word_embeddings, **dims))
+        else:
+            state.update(hf_to_tune(hf, **dims))
+    if cfg.tie_word_embeddings:
+        state.pop("output.weight", None)  # the output shares tok_embeddings.weight
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    not_lora = [k for k in missing if "lora_" not in k]
+    if not_lora or unexpected:
+        raise UserError(f"{folder}: weights do not match the model (missing {not_lora[:3]}, unexpected {unexpected[:3]})")
+    return len(state)
+
+
+def synthetic_batches(vocab_size: int, seq_len: int, seed: int, device: str) -> Iterator[tuple[Any, Any]]:
+    """Endless (tokens, labels), each [1, seq_len] random token ids, labels shifted by one."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        ids = torch.randint(0, vocab_size, (1, seq_len + 1), generator=gen).to(device)  # [1, S+1]
+        yield ids[:, :-1], ids[:, 1:]
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def enter_iteration(
+    channel: TrainerChannel, poll_s: float, should_stop: Callable[[], bool], sleep: Callable[[float], None] = time.sleep
+) -> bool:
+    """FineInfer: mark the trainer inside an iteration once no request is in
+    flight; False if asked to stop while waiting.
+
+    The flag goes up before the check: the load generator counts a request in
+    flight before it reads the flag, so one of the two always sees the other.
+    """
+    while True:
+        channel.set_trainer_in_iteration(True)
+        if channel.requests_in_flight() == 0:
+            return True
+        channel.set_trainer_in_iteration(False)
+        if should_stop():
+            return False
+        sleep(poll_s)
+
+
+def iteration_record(start_s: float, end_s: float, tokens: int, loss: float) -> str:
+    return json.dumps({"start_s": start_s, "end_s": end_s, "tokens": tokens, "loss": loss})
+
+
+def read_iteration_log(path: str | Path) -> list[TrainerIteration]:
+    """The logged steps; a last line cut short by a kill is skipped."""
+    out = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            d = json.loads(line)
+        except ValueError:
+            continue
+        out.append(TrainerIteration(start_s=float(d["start_s"]), end_s=float(d["end_s"]), tokens=int(d["tokens"])))
+    return out
+
+
+def write_status(path: str | None, state: str, **info: Any) -> None:
+    if path is None:
+        return
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps({"state": state, "time_s": time.time(), **info}), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class _NoChannel:
+    """The trainer alone: no requests ever, never asked to stop."""
+
+    def requests_in_flight(self) -> int:
+        return 0
+
+    def set_trainer_in_iteration(self, value: bool) -> None:
+        pass
+
+    def stop_requested(self) -> bool:
+        return False
+
+
+def run(config: TrainerConfig, channel: TrainerChannel | None, stop_signal: Callable[[], bool]) -> dict[str, Any]:
+    """Build, warm up, then train until stopped. Returns counts for the status file."""
+    import torch
+
+    from autotune.gpu.tasklets import PausePoints, train_step
+
+    policy = config.sharing_policy()
+    cfg = model_config(config.model)
+    seq_len = config.seq_len()
+    dtype = getattr(torch, config.dtype or ("bfloat16" if config.device.startswith("cuda") else "float32"))
+    model = build_model(cfg, seq_len=seq_len, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
+                        device=config.device, dtype=dtype, seed=config.seed)
+    if Path(config.model).is_dir() and any(Path(config.model).glob("*.safetensors")):
+        load_hf_weights(model, cfg, Path(config.model))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr)
+    batches = synthetic_batches(cfg.vocab_size, seq_len, config.seed, config.device)
+
+    chan: TrainerChannel = channel if channel is not None else _NoChannel()
+    cuda = config.device.startswith("cuda")
+    pause = None
+    if policy.preemption is Preemption.TASKLET:
+        pause = PausePoints(chan, policy.forward_tasklets, policy.forward_wait_s, policy.backward_tasklets,
+                            policy.backward_wait_s, sync=torch.cuda.synchronize if cuda else (lambda: None))
+
+    def should_stop() -> bool:
+        return stop_signal() or chan.stop_requested()
+
+    log = open(config.iteration_log, "a", encoding="utf-8") if config.iteration_log else None
+    step = logged = 0
+    try:
+        while not should_stop() and (config.max_steps is None or logged < config.max_steps):
+            if step == config.warmup_steps:
+                write_status(config.status_path, "ready", trainable_params=sum(p.numel() for p in params))
+                print(READY_LINE, flush=True)
+            if policy.preemption is Preemption.ITERATION:
+                if not enter_iteration(chan, policy.iteration_poll_s, should_stop):
+                    break
+            else:
+                chan.set_trainer_in_iteration(True)
+            start_s = time.time()
+            tokens, labels = next(batches)  # [1, S] each
+            loss = train_step(model, optimizer, tokens, labels, pause).item()  # .item() waits for the GPU
+            end_s = time.time()
+            chan.set_trainer_in_iteration(False)
+            step += 1
+            if step <= config.warmup_steps:
+                continue
+            logged += 1
+            if log is not None:
+                log.write(iteration_record(start_s, end_s, seq_len, loss) + "\n")
+                log.flush()
+    finally:
+        chan.set_trainer_in_iteration(False)
+        if log is not None:
+            log.close()
+    counts: dict[str, Any] = {"steps": step, "logged_steps": logged}
+    if pause is not None:
+        counts.update(pause_checks=pause.checks, pauses=pause.pauses, paused_s=pause.paused_s)
+    if cuda:
+        counts["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m autotune.gpu.trainer", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="trainer config JSON (TrainerConfig)")
+    args = parser.parse_args(argv)
+    config = TrainerConfig.read(args.config)
+
+    stop = {"requested": False}  # set by SIGTERM / SIGINT; checked between steps
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop["requested"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    channel = None
+    if config.channel is not None:
+        from autotune.gpu.channel import Channel
+
+        channel = Channel.attach(config.channel)
+    write_status(config.status_path, "starting", pid=os.getpid())
+    try:
+        counts = run(config, channel, lambda: stop["requested"])
+    except UserError as e:
+        write_status(config.status_path, "error", message=str(e))
+        print(f"autotune-trainer: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_ERROR
+    except Exception as e:  # OOM is told apart so the trial is recorded as infeasible
+        import torch
+
+        if not isinstance(e, torch.cuda.OutOfMemoryError):
+            write_status(config.status_path, "error", message=f"{type(e).__name__}: {e}".splitlines()[0])
+            raise
+        message = "trainer out of memory: " + str(e).splitlines()[0]
+        write_status(config.status_path, "oom", message=message)
+        print(f"autotune-trainer: {message}", file=sys.stderr, flush=True)
+        return EXIT_OOM
+    finally:
+        if channel is not None:
+            channel.close()
+    write_status(config.status_path, "stopped", **counts)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
