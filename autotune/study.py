@@ -15,7 +15,7 @@ import hashlib
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +26,13 @@ from autotune.errors import UserError
 from autotune.figures import FigurePreset, get_figure
 from autotune.knobs import SearchSpace
 from autotune.models import ModelConfig, from_name
-from autotune.policy import SharingPolicy
+from autotune.policy import SAMPLE_TOKENS, Preemption
 from autotune.samplers import DEFAULT_SAMPLER, make_sampler
 from autotune.slo import CONSTRAINT_KEYS, CRASH_VIOLATION, ResolvedSlo, SloSpec, constraint_margins, feasible, resolve
 from autotune.systems import System, get_system
 from autotune.trial import LoraServing, TrialKind, TrialResult, TrialSpec
 from autotune.workloads.spec import Workload
 
-#: Memory split of the serving-alone reference: vLLM's default.
-REFERENCE_GPU_MEMORY_UTILIZATION = 0.9
 DEFAULT_RUNS_DIR = Path("autotune-runs")
 
 
@@ -279,12 +277,12 @@ def _config_record(config: StudyConfig, figure: FigurePreset, model: ModelConfig
 
 
 def _reference_spec(ctx: StudyContext, kind: TrialKind) -> TrialSpec:
-    params = ctx.space.defaults()
-    policy = ctx.system.policy(params)
-    if kind is TrialKind.SERVING_ALONE:
-        policy = SharingPolicy(mps=False, gpu_memory_utilization=REFERENCE_GPU_MEMORY_UTILIZATION)
-    else:  # trainer alone: nothing to pause for, full GPU
-        policy = SharingPolicy(mps=False, gpu_memory_utilization=policy.gpu_memory_utilization)
+    """Serving alone: the trials' server (memory split, MPS) with no trainer.
+    Trainer alone: full 512-token samples, no MPS cap, no pause: the PEFT ceiling."""
+    policy = ctx.system.policy(ctx.space.defaults())
+    if kind is TrialKind.TRAINER_ALONE:
+        policy = replace(policy, trainer_mps_active_thread_pct=100, trainer_seq_len_tokens=SAMPLE_TOKENS,
+                         preemption=Preemption.NONE)
     return TrialSpec(
         kind=kind, system=ctx.system.name, params={}, policy=policy, model=ctx.model,
         workload=ctx.workload if kind is TrialKind.SERVING_ALONE else None,
@@ -317,10 +315,10 @@ class ReferenceCache:
 
 
 def _reference_key(ctx: StudyContext, kind: TrialKind) -> str:
-    parts = [kind.value, ctx.backend.cache_key(), ctx.model.name]
+    spec = _reference_spec(ctx, kind)
+    parts = [kind.value, ctx.backend.cache_key(), ctx.model.name, json.dumps(spec.policy.to_dict(), sort_keys=True)]
     if kind is TrialKind.SERVING_ALONE:
-        parts += [ctx.figure.name, f"{ctx.rate_req_s:g}", _workload_digest(ctx.workload),
-                  str(ctx.lora_serving)]
+        parts += [ctx.figure.name, f"{ctx.rate_req_s:g}", _workload_digest(ctx.workload), str(ctx.lora_serving)]
     return "|".join(parts)
 
 
