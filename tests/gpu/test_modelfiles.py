@@ -1,0 +1,94 @@
+import json
+
+import numpy as np
+import pytest
+
+from autotune.gpu.modelfiles import (
+    adapter_name, read_safetensors_header, to_bf16_bits, token_text, write_lora_adapters,
+    write_model_folder, write_safetensors,
+)
+from autotune.models import ModelConfig, from_name
+
+TINY = ModelConfig(name="tiny", hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                   num_kv_heads=2, head_dim=8, vocab_size=300, rope_theta=10000.0)
+
+
+def _bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def test_model_folder_holds_the_preset_config(tmp_path):
+    model = from_name("llama-3.1-8b")
+    folder = write_model_folder(model, tmp_path / "m", tokenizer=False)
+    assert json.loads((folder / "config.json").read_text()) == model.hf_config()
+    gen = json.loads((folder / "generation_config.json").read_text())
+    assert (gen["bos_token_id"], gen["eos_token_id"]) == (1, 2)
+    assert not (folder / "tokenizer.json").exists()
+
+
+def test_tokenizer_has_one_token_per_id(tmp_path):
+    folder = write_model_folder(TINY, tmp_path / "m")
+    vocab = json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"]
+    assert len(vocab) == 300 and vocab[token_text(299)] == 299
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    assert tok.encode("t5 t9 t299").ids == [5, 9, 299]
+
+
+def test_tokenizer_loads_with_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    folder = write_model_folder(TINY, tmp_path / "m")
+    tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+    assert len(tok) == 300
+    assert (tok.bos_token_id, tok.eos_token_id) == (1, 2)
+    assert tok("t7 t8 t250", add_special_tokens=True)["input_ids"] == [7, 8, 250]
+    assert tok.decode([7, 8, 250]) == "t7 t8 t250"
+    assert tok("<s> t3 </s>")["input_ids"] == [1, 3, 2]
+
+
+def test_bf16_rounds_to_nearest_even():
+    x = np.array([1.0, -2.0, 1 + 2**-8, 1 + 3 * 2**-8, 3.14159], dtype=np.float32)
+    bits = to_bf16_bits(x)
+    assert bits[:4].tolist() == [0x3F80, 0xC000, 0x3F80, 0x3F82]
+    assert abs(_bf16_to_f32(bits)[4] - 3.14159) < 2**-7 * 3.14159
+
+
+def test_safetensors_layout(tmp_path):
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    b = np.full((3,), -0.5, dtype=np.float32)
+    path = tmp_path / "x.safetensors"
+    write_safetensors(path, {"a": a, "b": b})
+    raw = path.read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    assert header_len % 8 == 0
+    header = read_safetensors_header(path)
+    assert header["a"] == {"dtype": "BF16", "shape": [2, 3], "data_offsets": [0, 12]}
+    assert header["b"] == {"dtype": "BF16", "shape": [3], "data_offsets": [12, 18]}
+    data = raw[8 + header_len:]
+    assert len(data) == 18
+    assert _bf16_to_f32(np.frombuffer(data[:12], np.uint16)).reshape(2, 3).tolist() == a.tolist()
+    assert _bf16_to_f32(np.frombuffer(data[12:], np.uint16)).tolist() == [-0.5] * 3
+
+
+def test_lora_adapters_in_peft_format(tmp_path):
+    adapters = write_lora_adapters(TINY, tmp_path / "lora", count=3, rank=4, seed=7)
+    assert [name for name, _ in adapters] == ["adapter-0", "adapter-1", "adapter-2"] == [adapter_name(i) for i in range(3)]
+    name, folder = adapters[1]
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    assert (cfg["peft_type"], cfg["r"], cfg["lora_alpha"]) == ("LORA", 4, 8)
+    assert cfg["target_modules"] == ["q_proj", "k_proj", "v_proj"]
+    path = folder / "adapter_model.safetensors"
+    header = read_safetensors_header(path)
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    assert len(tensors) == 2 * 3 * 2  # layers x (q, k, v) x (A, B)
+    p = "base_model.model.model.layers.1.self_attn"
+    assert tensors[f"{p}.q_proj.lora_A.weight"]["shape"] == [4, 32]  # [rank, hidden]
+    assert tensors[f"{p}.q_proj.lora_B.weight"]["shape"] == [32, 4]  # [heads x head_dim, rank]
+    assert tensors[f"{p}.k_proj.lora_B.weight"]["shape"] == [16, 4]  # [kv heads x head_dim, rank]
+    assert tensors[f"{p}.v_proj.lora_A.weight"]["shape"] == [4, 32]
+    n_values = sum(int(np.prod(t["shape"])) for t in tensors.values())
+    assert n_values == TINY.lora_params(4)
+    header_len = int.from_bytes(path.read_bytes()[:8], "little")
+    assert path.stat().st_size == 8 + header_len + 2 * n_values  # bf16 data
+    # Different adapters get different random weights.
+    assert (adapters[0][1] / "adapter_model.safetensors").read_bytes() != path.read_bytes()
