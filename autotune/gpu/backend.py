@@ -226,12 +226,16 @@ class GpuBackend(Backend):
 
     def _run(self, spec: TrialSpec, trial_dir: Path, progress: ProgressFn) -> TrialResult:
         from autotune.gpu.channel import Channel
+        from autotune.gpu.server import Decision
 
         self._set_mps(spec.policy.mps)
         server = None
         if spec.serves:
             progress(0.0, "starting the vLLM server" if self.keeper.server is None else "checking the vLLM server")
             server = self._server(spec)
+            if self.keeper.last_decision is not Decision.KEEP:
+                progress(0.0, "warming up the vLLM server")
+                _warm_up(server, spec)
         channel = Channel.create() if spec.serves and spec.trains else None
         trainer = None
         try:
@@ -288,6 +292,19 @@ class GpuBackend(Backend):
         if self._mps is not None:
             shutil.rmtree(self._mps.pipe_dir.parent, ignore_errors=True)
             self._mps = None
+
+
+def _warm_up(server, spec: TrialSpec, requests: int = 16) -> None:
+    """A few requests to a new server, so that its first-request costs (CUDA
+    graphs, adapter loading) stay out of the trial. Results are dropped."""
+    from autotune.gpu.loadgen import replay_sync
+    from autotune.workloads.spec import RequestSpec, Workload
+
+    adapters = spec.lora_serving.num_adapters if spec.lora_serving is not None else 0
+    reqs = tuple(RequestSpec(arrival_s=0.05 * i, prompt_len=64 + 32 * i, output_len=16,
+                             adapter=(i % adapters) if adapters else None) for i in range(requests))
+    replay_sync(server.url, Workload(reqs, 20.0, 0, True, "warm-up"), model_name=spec.model.name,
+                vocab_size=spec.model.vocab_size, seed=0)
 
 
 def _status(trial_dir: Path) -> dict[str, Any]:
