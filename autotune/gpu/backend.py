@@ -63,7 +63,7 @@ class GpuBackend(Backend):
 
     def __init__(self, runs_dir: Path = Path("autotune-runs"), use_mps: bool = True,
                  vllm_args: tuple[str, ...] = (), model_path: Path | None = None,
-                 finetune_data: Path | None = None, trainer_warmup_steps: int = 2,
+                 finetune_data: Path | None = None, trainer_warmup_steps: int = 5,
                  server_startup_timeout_s: float = 900.0) -> None:
         try:
             import aiohttp  # noqa: F401
@@ -250,6 +250,7 @@ class GpuBackend(Backend):
                     server.url, spec.workload, model_name=spec.model.name, vocab_size=spec.model.vocab_size,
                     seed=spec.seed, channel=channel, policy=spec.policy if spec.trains else None,
                     progress=lambda f: progress(f, f"{f:.0%} of requests done"),
+                    prompt_as_text=server.config.has_tokenizer,
                 )
                 start_s, end_s = replayed.window_start_s, replayed.window_end_s
                 if not server.is_alive():
@@ -294,17 +295,24 @@ class GpuBackend(Backend):
             self._mps = None
 
 
-def _warm_up(server, spec: TrialSpec, requests: int = 16) -> None:
-    """A few requests to a new server, so that its first-request costs (CUDA
-    graphs, adapter loading) stay out of the trial. Results are dropped."""
+WARM_UP_S = 10.0  # traffic replayed to a new server before it is measured
+
+
+def _warm_up(server, spec: TrialSpec) -> None:
+    """Traffic to a new server before it is measured, so that first-request
+    costs (lazy allocations, adapter loading, cold caches) stay out of the
+    trials: the first ``WARM_UP_S`` seconds of the trial's own workload, with
+    other prompts, plus one request per adapter. Results are dropped."""
     from autotune.gpu.loadgen import replay_sync
     from autotune.workloads.spec import RequestSpec, Workload
 
-    adapters = spec.lora_serving.num_adapters if spec.lora_serving is not None else 0
-    reqs = tuple(RequestSpec(arrival_s=0.05 * i, prompt_len=64 + 32 * i, output_len=16,
-                             adapter=(i % adapters) if adapters else None) for i in range(requests))
-    replay_sync(server.url, Workload(reqs, 20.0, 0, True, "warm-up"), model_name=spec.model.name,
-                vocab_size=spec.model.vocab_size, seed=0)
+    reqs = [r for r in spec.workload.requests if r.arrival_s < WARM_UP_S]
+    if spec.lora_serving is not None:
+        reqs += [RequestSpec(0.0, 64, 8, adapter=i) for i in range(spec.lora_serving.num_adapters)]
+    reqs.sort(key=lambda r: r.arrival_s)
+    replay_sync(server.url, Workload(tuple(reqs), spec.workload.rate_req_s, spec.seed, True, "warm-up"),
+                model_name=spec.model.name, vocab_size=spec.model.vocab_size, seed=spec.seed + 7919,
+                prompt_as_text=server.config.has_tokenizer)
 
 
 def _status(trial_dir: Path) -> dict[str, Any]:

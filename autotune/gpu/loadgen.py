@@ -43,7 +43,7 @@ import aiohttp
 import numpy as np
 
 from autotune.gpu.channel import Channel
-from autotune.gpu.modelfiles import adapter_name
+from autotune.gpu.modelfiles import adapter_name, token_text
 from autotune.metrics import RequestRecord
 from autotune.policy import Preemption, SharingPolicy
 from autotune.workloads.spec import RequestSpec, Workload
@@ -70,7 +70,13 @@ def prompt_token_ids(rng: np.random.Generator, prompt_len: int, vocab_size: int)
     return rng.integers(_EDGE_IDS, vocab_size - _EDGE_IDS, size=prompt_len).tolist()
 
 
-def request_body(spec: RequestSpec, prompt: list[int], model_name: str) -> dict[str, Any]:
+def prompt_text(token_ids: list[int]) -> str:
+    """The same prompt as text for a server with our one-word-per-id tokenizer
+    (``autotune.gpu.modelfiles``): it tokenizes back to exactly these ids."""
+    return " ".join(token_text(i) for i in token_ids)
+
+
+def request_body(spec: RequestSpec, prompt: list[int] | str, model_name: str) -> dict[str, Any]:
     return {
         "model": model_name if spec.adapter is None else adapter_name(spec.adapter),
         "prompt": prompt,
@@ -177,11 +183,17 @@ class _DeferralGate:
 
 async def replay(url: str, workload: Workload, *, model_name: str, vocab_size: int, seed: int,
                  channel: Channel | None = None, policy: SharingPolicy | None = None,
-                 progress: ReplayProgress | None = None, request_timeout_s: float = 600.0) -> ReplayResult:
-    """Send every request of ``workload`` at its arrival time; records in workload order."""
+                 progress: ReplayProgress | None = None, request_timeout_s: float = 600.0,
+                 prompt_as_text: bool = False) -> ReplayResult:
+    """Send every request of ``workload`` at its arrival time; records in workload order.
+
+    ``prompt_as_text``: send prompts as text (the server tokenizes them, as it
+    does for ``vllm bench serve`` and for real clients) instead of token ids.
+    """
     rng = np.random.default_rng(seed)
-    bodies = [request_body(spec, prompt_token_ids(rng, spec.prompt_len, vocab_size), model_name)
-              for spec in workload.requests]
+    prompts = [prompt_token_ids(rng, spec.prompt_len, vocab_size) for spec in workload.requests]
+    bodies = [request_body(spec, prompt_text(p) if prompt_as_text else p, model_name)
+              for spec, p in zip(workload.requests, prompts)]
     in_flight = _InFlight(channel)
     gate = (_DeferralGate(policy, channel, in_flight)
             if policy is not None and policy.preemption is Preemption.ITERATION else None)

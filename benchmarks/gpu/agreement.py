@@ -27,11 +27,13 @@ from autotune.workloads.arrivals import poisson_arrivals
 from autotune.workloads.spec import RequestSpec, Workload
 
 
-def ours(url: str, model, rate: float, n: int, input_len: int, output_len: int, seed: int) -> dict:
+def ours(url: str, model, rate: float, n: int, input_len: int, output_len: int, seed: int,
+         as_text: bool = True) -> dict:
     arrivals = poisson_arrivals(n, rate, seed=seed)
     wl = Workload(tuple(RequestSpec(float(t), input_len, output_len) for t in arrivals), rate, seed, True,
                   f"{n} requests, {input_len}/{output_len} tokens, Poisson {rate:g} req/s")
-    res = replay_sync(url, wl, model_name=model.name, vocab_size=model.vocab_size, seed=seed)
+    res = replay_sync(url, wl, model_name=model.name, vocab_size=model.vocab_size, seed=seed,
+                      prompt_as_text=as_text)
     m = serving_metrics(res.records)
     return {"ttft_p50_ms": m.ttft.p50_ms, "ttft_p99_ms": m.ttft.p99_ms, "tpot_p50_ms": m.tpot.p50_ms,
             "tpot_p99_ms": m.tpot.p99_ms, "completed": m.completed, "failed": m.failed}
