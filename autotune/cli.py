@@ -144,14 +144,14 @@ def _run(config, backend_name: str, options: dict, trials: int, json_path: Path 
     from autotune.results import StudyResult, summary_text, write_json
     from autotune.study import run_study
 
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the table and the lines say it all
     console = Console()
     live = not plain and console.is_terminal
     observer = LiveReporter(console) if live else PlainReporter()
-    ctx = None
     try:
         with make_backend(backend_name, **options) as backend:
-            from autotune.study import prepare  # noqa: F401  (validate before the table appears)
-
             ctx = run_study(config, backend, trials, observer)
     finally:
         if isinstance(observer, LiveReporter):

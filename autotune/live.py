@@ -38,7 +38,7 @@ def header_text(ctx: StudyContext, rows: Sequence[TrialRow]) -> Text:
     t.append(f"{ctx.rate_req_s:g} req/s ({ctx.rate_basis})" if ctx.workload is not None else "no serving")
     t.append(f" · {ctx.model.name} · {ctx.backend.name} backend · sampler {cfg.sampler}\n")
     if ctx.workload is not None:
-        t.append(f"workload: {len(ctx.workload)} requests, {ctx.workload.description}\n", style="dim")
+        t.append(f"workload: {ctx.workload.description}\n", style="dim")
     if ctx.slo is not None:
         t.append(f"SLO: P99 TTFT ≤ {ctx.slo.ttft_p99_ms:.1f} ms, P99 TPOT ≤ {ctx.slo.tpot_p99_ms:.2f} ms\n")
     feasible = [r for r in rows if r.feasible]
@@ -167,7 +167,7 @@ class PlainReporter(StudyObserver):
                     f"{ctx.model.name}, {ctx.backend.name} backend, sampler {ctx.config.sampler}, "
                     f"{n_trials} trials ({len(ctx.study.trials)} already)")
         if ctx.workload is not None:
-            self._print(f"workload: {len(ctx.workload)} requests, {ctx.workload.description}")
+            self._print(f"workload: {ctx.workload.description}")
 
     def on_reference(self, ctx: StudyContext, name: str, metrics: Mapping[str, float], cached: bool) -> None:
         parts = [f"reference {name.replace('_', ' ')}{' (cached)' if cached else ''}:"]
