@@ -111,6 +111,8 @@ def _tune(system: str):
         no_mps: Annotated[bool, typer.Option("--no-mps", help="gpu: run without the MPS daemon (recorded)")] = False,
         vllm_arg: Annotated[Optional[list[str]], typer.Option(help="gpu: extra vLLM server flag (repeatable)")] = None,
         finetune_data: Annotated[Optional[Path], typer.Option(help="gpu: Alpaca-format JSON for the trainer")] = None,
+        gpus: Annotated[int, typer.Option(help="gpu: GPUs (tensor parallel serving, one FSDP trainer rank each)")] = 1,
+        gpu_mem_gb: Annotated[Optional[float], typer.Option(help="gpu: hold each GPU to this many GiB (artifact: 24)")] = None,
         plain: Annotated[bool, typer.Option(help="one line per trial instead of the live table")] = False,
     ) -> None:
         from autotune.study import StudyConfig
@@ -127,11 +129,15 @@ def _tune(system: str):
             trial_seconds=trial_seconds, warmup_s=warmup_s, runs_dir=runs_dir,
         )
         if backend.value == "sim":
+            if gpus != 1:
+                raise UserError(f"--gpus {gpus}: the simulator models one GPU; use --backend gpu")
+            if gpu_mem_gb is not None:
+                raise UserError("--gpu-mem-gb applies to --backend gpu; the simulator's profile fixes its memory")
             options = {"profile": profile, "noise": noise}
         else:
             options = {"runs_dir": runs_dir, "use_mps": not no_mps, "vllm_args": tuple(vllm_arg or ()),
                        "model_path": Path(model) if model and Path(model).is_dir() else None,
-                       "finetune_data": finetune_data}
+                       "finetune_data": finetune_data, "gpus": gpus, "gpu_mem_gb": gpu_mem_gb}
         _run(config, backend.value, options, trials, json_path, plain)
 
     command.__doc__ = f"Tune {SYSTEMS[system].title}: {SYSTEMS[system].description}."
@@ -191,7 +197,7 @@ def workload(
         raise UserError(f"--lora-dist applies to fig13 only, not {fig.name}")
     if rate is None:
         rate, _ = fig.default_rate(hardware)
-    n = num_prompts or fig.prompts(rate, 200)
+    n = num_prompts if num_prompts is not None else fig.prompts(rate, 200)  # 0 is refused, not the default
     wl = build_workload(WorkloadOptions(
         arrivals=fig.arrivals, rate_req_s=rate, num_prompts=n, seed=seed, sharegpt_path=sharegpt,
         burstgpt_path=burstgpt, tokenizer_path=tokenizer,
@@ -222,7 +228,7 @@ def show(
     result = load_result(url, study_name)
     slo = result.slo or {}
     knobs = list(result.rows[0].params) if result.rows else []
-    Console().print(trial_table(result.rows, knobs, slo.get("ttft_p99_ms"), slo.get("tpot_p99_ms")))
+    Console().print(trial_table(result.rows, knobs, slo.get("ttft_p99_ms"), slo.get("tpot_p99_ms"), max_rows=None))
     print(summary_text(result))
     if pareto:
         print("Pareto front (P99 TPOT ms vs PEFT samples/s):")

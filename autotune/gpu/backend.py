@@ -11,6 +11,13 @@ A trial: server ready -> trainer started and warmed up (its first steps are
 not counted) -> workload replayed -> trainer stopped -> metrics. Every child
 runs in its own process group, owned by a ``ProcessRegistry``: nothing is left
 after a trial, a crash or Ctrl-C.
+
+``gpus=N`` (``--gpus``): the server runs tensor parallel N and the trainer as N
+FSDP2 ranks, one per GPU, on GPUs 0..N-1 (``autotune.gpu.distributed``); the
+MPS daemon, started without ``CUDA_VISIBLE_DEVICES`` of its own, serves every
+GPU its clients see, and server and ranks all get its pipe and log folders.
+``gpu_mem_gb=G`` (``--gpu-mem-gb``) holds each GPU to G GiB the way the
+artifact's 24 GB GPUs were (``memory_budget``).
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ import re
 import shutil
 import subprocess
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,26 +44,106 @@ TRAINER_READY_TIMEOUT_S = 600.0  # build, load and warm up the trainer
 TRAINER_STOP_TIMEOUT_S = 60.0  # a step of a large model, then exit
 TRAINER_ALONE_WINDOW_S = 30.0  # measurement window of trainer-alone trials
 _POLL_S = 0.1
+_GIB = 2**30
+WEIGHT_BYTES = 2  # bf16, per parameter
 
 
-def gpu_name() -> tuple[str, int]:
-    """(name, memory in MiB) of GPU 0, from nvidia-smi."""
+def _nvidia_smi_gpus() -> list[tuple[str, int]]:
+    """(name, memory in MiB) of every GPU, from nvidia-smi."""
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
                              capture_output=True, text=True, timeout=30, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         raise UserError("--backend gpu needs an NVIDIA GPU, and nvidia-smi did not answer") from None
-    name, mem = out.splitlines()[0].rsplit(",", 1)
-    return name.strip(), int(float(mem))
+    gpus = []
+    for line in out.splitlines():
+        if line.strip():
+            name, mem = line.rsplit(",", 1)
+            gpus.append((name.strip(), int(float(mem))))
+    return gpus
 
 
-def hardware_profile(name: str, memory_mib: int) -> str:
-    """A short profile name: "NVIDIA H100 80GB HBM3" -> "h100-80gb"."""
-    gb = round(memory_mib / 1024)
+def gpu_name() -> tuple[str, int]:
+    """(name, memory in MiB) of GPU 0, from nvidia-smi."""
+    return _nvidia_smi_gpus()[0]
+
+
+def gpu_count() -> int:
+    return len(_nvidia_smi_gpus())
+
+
+def visible_gpus(nvidia_smi_count: int, env: Mapping[str, str]) -> int:
+    """GPUs a CUDA program started with ``env`` sees (nvidia-smi ignores CUDA_VISIBLE_DEVICES)."""
+    devices = env.get("CUDA_VISIBLE_DEVICES")
+    if devices is None:
+        return nvidia_smi_count
+    return len([d for d in devices.split(",") if d.strip()])
+
+
+def hardware_profile(name: str, memory_mib: int, gpus: int = 1, gpu_mem_gb: float | None = None) -> str:
+    """A short profile name: "NVIDIA H100 80GB HBM3" -> "h100-80gb"; held to
+    24 GiB on 2 GPUs: "h100-24gb-x2"."""
+    gb = round(gpu_mem_gb) if gpu_mem_gb is not None else round(memory_mib / 1024)
     short = name.replace("NVIDIA", "").replace("GeForce", "")
     model = re.search(r"\b([A-Z]+\d+[A-Za-z]*)\b", short)
     slug = (model.group(1) if model else re.sub(r"\W+", "-", short).strip("-")).lower()
-    return f"{slug}-{gb}gb" if gb else slug
+    profile = f"{slug}-{gb}gb" if gb else slug
+    return f"{profile}-x{gpus}" if gpus > 1 else profile
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """What each GPU gives the server and the trainer under ``--gpu-mem-gb``."""
+
+    server_gpu_memory_utilization: float  # vLLM's --gpu-memory-utilization: of the GPU's whole memory
+    trainer_memory_fraction: float | None  # torch.cuda.set_per_process_memory_fraction; None: no cap
+    server_gib: float | None = None  # per GPU
+    trainer_gib: float | None = None  # per GPU
+
+
+def trainer_inside_engine(policy: SharingPolicy) -> bool:
+    """FineInfer and LLMStation fine-tune inside the serving engine (DESIGN.md):
+    one copy of the weights serves and trains. Ours is a separate trainer
+    process with its own copy: the systems that stop for inference."""
+    return policy.preemption is not Preemption.NONE
+
+
+def memory_budget(system_fraction: float, gpu_mem_gb: float | None, gpu_memory_mib: int,
+                  weights_gib_per_gpu: float, trainer_inside_engine: bool) -> MemoryBudget:
+    """Each GPU held to ``gpu_mem_gb`` GiB (the artifact's 24), split as the
+    artifact splits it: the server gets the system's fraction f of G (vLLM's
+    flag is a fraction of the whole GPU: f x G / GPU memory), the trainer the
+    other (1 - f) x G. Where the artifact's trainer lives inside the serving
+    engine (``trainer_inside_engine``), its weights are the server's; our
+    trainer's own copy of them (``weights_gib_per_gpu``, 1/N of the model's
+    bf16 weights) comes on top of (1 - f) x G, so that the server's KV cache and
+    the trainer's activations get the artifact's room. ``gpu_mem_gb`` None:
+    the system's fraction of the whole GPU, the trainer uncapped (as before).
+    An impossible budget is a UserError."""
+    if gpu_mem_gb is None:
+        return MemoryBudget(system_fraction, None)
+    total_gib = gpu_memory_mib / 1024
+    if not 0 < gpu_mem_gb <= total_gib:
+        raise UserError(f"--gpu-mem-gb {gpu_mem_gb:g} is not in (0, {total_gib:.1f}], the GPU's memory in GiB")
+    server_gib = system_fraction * gpu_mem_gb
+    if server_gib <= weights_gib_per_gpu:
+        raise UserError(f"--gpu-mem-gb {gpu_mem_gb:g} leaves the vLLM server {server_gib:.1f} GiB per GPU, "
+                        f"not more than the model's {weights_gib_per_gpu:.1f} GiB of weights per GPU")
+    trainer_gib = (1 - system_fraction) * gpu_mem_gb
+    if trainer_inside_engine:
+        trainer_gib += weights_gib_per_gpu
+    elif trainer_gib <= weights_gib_per_gpu:
+        raise UserError(f"--gpu-mem-gb {gpu_mem_gb:g} leaves the trainer {trainer_gib:.1f} GiB per GPU, "
+                        f"not more than the model's {weights_gib_per_gpu:.1f} GiB of weights per GPU")
+    if server_gib + trainer_gib > total_gib:
+        raise UserError(f"--gpu-mem-gb {gpu_mem_gb:g} needs {server_gib + trainer_gib:.1f} GiB per GPU with the "
+                        f"trainer's own copy of the weights; the GPU has {total_gib:.1f} GiB")
+    return MemoryBudget(server_gib / total_gib, trainer_gib / total_gib, server_gib, trainer_gib)
+
+
+def weights_gib_per_gpu(model: ModelConfig, gpus: int) -> float:
+    """The model's bf16 weights on each GPU, sharded over ``gpus`` (tensor parallel or FSDP)."""
+    return model.num_params * WEIGHT_BYTES / gpus / _GIB
 
 
 class GpuBackend(Backend):
@@ -64,7 +152,7 @@ class GpuBackend(Backend):
     def __init__(self, runs_dir: Path = Path("autotune-runs"), use_mps: bool = True,
                  vllm_args: tuple[str, ...] = (), model_path: Path | None = None,
                  finetune_data: Path | None = None, trainer_warmup_steps: int = 5,
-                 server_startup_timeout_s: float = 900.0) -> None:
+                 server_startup_timeout_s: float = 900.0, gpus: int = 1, gpu_mem_gb: float | None = None) -> None:
         try:
             import aiohttp  # noqa: F401
             import vllm  # noqa: F401
@@ -77,6 +165,13 @@ class GpuBackend(Backend):
         from autotune.gpu.server import ServerKeeper
 
         self._gpu, self._gpu_mem_mib = gpu_name()
+        if gpus < 1 or gpus > (seen := visible_gpus(gpu_count(), os.environ)):
+            raise UserError(f"--gpus {gpus}: this machine shows {seen} GPU(s)")
+        if gpu_mem_gb is not None and not 0 < gpu_mem_gb <= self._gpu_mem_mib / 1024:
+            raise UserError(f"--gpu-mem-gb {gpu_mem_gb:g} is not in (0, {self._gpu_mem_mib / 1024:.1f}], "
+                            "the GPU's memory in GiB")
+        self.gpus = gpus
+        self.gpu_mem_gb = gpu_mem_gb
         self.root = Path(runs_dir) / "gpu" / time.strftime("%Y%m%d-%H%M%S")
         self.root.mkdir(parents=True, exist_ok=True)
         self.use_mps = use_mps
@@ -92,10 +187,13 @@ class GpuBackend(Backend):
 
     @property
     def hardware(self) -> str:
-        return hardware_profile(self._gpu, self._gpu_mem_mib)
+        return hardware_profile(self._gpu, self._gpu_mem_mib, self.gpus, self.gpu_mem_gb)
 
     def cache_key(self) -> str:
-        return f"gpu:{self._gpu}"
+        key = f"gpu:{self._gpu}"  # one GPU, all its memory: the key reference runs were cached under
+        if self.gpus != 1 or self.gpu_mem_gb is not None:
+            key += f":gpus={self.gpus}:gpu_mem_gb={self.gpu_mem_gb if self.gpu_mem_gb is not None else 'all'}"
+        return key
 
     def describe(self) -> dict[str, Any]:
         import torch
@@ -106,6 +204,8 @@ class GpuBackend(Backend):
             "hardware": self.hardware,
             "gpu": self._gpu,
             "gpu_memory_mib": self._gpu_mem_mib,
+            "gpus": self.gpus,
+            "gpu_mem_gb": self.gpu_mem_gb,
             "vllm": vllm.__version__,
             "torch": torch.__version__,
             "mps": self.use_mps,
@@ -146,6 +246,10 @@ class GpuBackend(Backend):
             write_model_folder(model, folder, tokenizer=True)
         return folder, False
 
+    def _memory(self, spec: TrialSpec) -> MemoryBudget:
+        return memory_budget(spec.policy.gpu_memory_utilization, self.gpu_mem_gb, self._gpu_mem_mib,
+                             weights_gib_per_gpu(spec.model, self.gpus), trainer_inside_engine(spec.policy))
+
     def _server(self, spec: TrialSpec):
         from autotune.gpu.modelfiles import write_lora_adapters
         from autotune.gpu.server import ServerConfig
@@ -162,13 +266,16 @@ class GpuBackend(Backend):
         config = ServerConfig(
             model=str(folder), served_model_name=spec.model.name, dummy_weights=not real,
             has_tokenizer=(folder / "tokenizer.json").exists(),
-            gpu_memory_utilization=spec.policy.gpu_memory_utilization, lora_modules=lora,
+            tensor_parallel_size=self.gpus,
+            gpu_memory_utilization=round(self._memory(spec).server_gpu_memory_utilization, 4), lora_modules=lora,
             max_lora_rank=rank, extra_args=self.vllm_args,
             env=tuple(sorted(self._mps.env().items())) if self._mps is not None else (),
         )
         return self.keeper.ensure(config)
 
     def _start_trainer(self, spec: TrialSpec, trial_dir: Path, channel_name: str | None):
+        """The trainer's ranks (one per GPU), once rank 0 says all are ready."""
+        from autotune.gpu.distributed import TrainerRanks
         from autotune.gpu.trainer import TrainerConfig, trainer_command
 
         policy = spec.policy
@@ -179,35 +286,42 @@ class GpuBackend(Backend):
             policy=policy.to_dict(), iteration_log=str(trial_dir / "iterations.jsonl"),
             status_path=str(trial_dir / "trainer-status.json"), lora_rank=spec.trainer_lora_rank,
             channel=channel_name, seed=spec.seed, warmup_steps=self.warmup_steps,
+            memory_fraction=self._memory(spec).trainer_memory_fraction,
         )
         config.write(trial_dir / "trainer-config.json")
         env = dict(os.environ)
         if self._mps is not None:
             pct = policy.trainer_mps_active_thread_pct
             env.update(self._mps.env_for_client(pct if pct < 100 else None))
-        proc = self.procs.start(trainer_command(trial_dir / "trainer-config.json"), trial_dir / "trainer.log",
-                                env=env, grace_s=TRAINER_STOP_TIMEOUT_S)
-        deadline = time.monotonic() + TRAINER_READY_TIMEOUT_S
-        while _status(trial_dir).get("state") != "ready":
-            if proc.poll() is not None:
-                raise TrialCrash(_trainer_failure(proc.returncode, trial_dir))
-            if time.monotonic() > deadline:
-                raise TrialCrash(f"trainer not ready within {TRAINER_READY_TIMEOUT_S:g} s")
-            time.sleep(_POLL_S)
-        return proc
+        ranks = TrainerRanks(self.procs, trainer_command(trial_dir / "trainer-config.json"), trial_dir, env,
+                             self.gpus, grace_s=TRAINER_STOP_TIMEOUT_S)
+        ranks.start()
+        try:
+            deadline = time.monotonic() + TRAINER_READY_TIMEOUT_S
+            while _status(trial_dir).get("state") != "ready":  # rank 0 writes it after a barrier of all
+                _check_ranks(ranks, trial_dir)
+                if time.monotonic() > deadline:
+                    raise TrialCrash(f"trainer not ready within {TRAINER_READY_TIMEOUT_S:g} s")
+                time.sleep(_POLL_S)
+        except BaseException:
+            ranks.kill()
+            raise
+        return ranks
 
-    def _stop_trainer(self, proc, channel, trial_dir: Path) -> None:
+    def _stop_trainer(self, ranks, channel, trial_dir: Path) -> None:
+        """Ask every rank to stop (through rank 0's channel, or SIGTERM), then end them."""
         if channel is not None:
             channel.request_stop()
         else:
-            proc.terminate()  # SIGTERM: the trainer stops between steps
-        try:
-            code = proc.wait(timeout=TRAINER_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            code = None
-        self.procs.terminate(proc)
-        if code not in (0, None, -15):
-            raise TrialCrash(_trainer_failure(code, trial_dir))
+            for proc in ranks.ranks:
+                proc.terminate()  # SIGTERM: the ranks agree to stop between steps
+        codes = ranks.wait(TRAINER_STOP_TIMEOUT_S)
+        ranks.terminate()
+        bad = [(r, c) for r, c in enumerate(codes) if c not in (0, None, -15)]
+        if bad:
+            first = ranks.first_exit()
+            rank, code = first if first is not None and first[1] not in (0, -15) else bad[0]
+            raise TrialCrash(_trainer_failure(code, trial_dir, rank, ranks.world_size))
 
     # ------------------------------------------------------------ a trial
 
@@ -258,19 +372,17 @@ class GpuBackend(Backend):
             else:
                 start_s = time.time()
                 while time.time() - start_s < TRAINER_ALONE_WINDOW_S:
-                    if trainer.poll() is not None:
-                        raise TrialCrash(_trainer_failure(trainer.returncode, trial_dir))
+                    _check_ranks(trainer, trial_dir)
                     progress((time.time() - start_s) / TRAINER_ALONE_WINDOW_S, "trainer alone")
                     time.sleep(0.5)
                 end_s = time.time()
             if trainer is not None:
-                if trainer.poll() is not None:
-                    raise TrialCrash(_trainer_failure(trainer.returncode, trial_dir))
+                _check_ranks(trainer, trial_dir)
                 self._stop_trainer(trainer, channel, trial_dir)
                 trainer = None
         finally:
-            if trainer is not None:
-                self.procs.terminate(trainer)
+            if trainer is not None:  # a crash or Ctrl-C: the other ranks may wait in a collective
+                trainer.kill()
             if channel is not None:
                 channel.close()
                 channel.unlink()
@@ -315,21 +427,34 @@ def _warm_up(server, spec: TrialSpec) -> None:
                 prompt_as_text=server.config.has_tokenizer)
 
 
-def _status(trial_dir: Path) -> dict[str, Any]:
+def _status(trial_dir: Path, rank: int = 0) -> dict[str, Any]:
+    from autotune.gpu.distributed import rank_path
+
     try:
-        return json.loads((trial_dir / "trainer-status.json").read_text(encoding="utf-8"))
+        return json.loads(Path(rank_path(trial_dir / "trainer-status.json", rank)).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
 
 
-def _trainer_failure(code: int | None, trial_dir: Path) -> str:
+def _check_ranks(ranks, trial_dir: Path) -> None:
+    """A TrialCrash, with the reason, if any rank of the trainer has ended."""
+    first = ranks.first_exit()
+    if first is not None:
+        raise TrialCrash(_trainer_failure(first[1], trial_dir, first[0], ranks.world_size))
+
+
+def _trainer_failure(code: int | None, trial_dir: Path, rank: int = 0, world_size: int = 1) -> str:
+    """Why rank ``rank`` of the trainer ended, from its status file."""
+    from autotune.gpu.distributed import rank_log_name
     from autotune.gpu.trainer import EXIT_OOM
 
-    status = _status(trial_dir)
+    status = _status(trial_dir, rank)
+    who = "trainer" if world_size == 1 else f"trainer rank {rank}"
     if code == EXIT_OOM or status.get("state") == "oom":
-        return status.get("message", "trainer out of memory")
+        message = status.get("message", "trainer out of memory")
+        return message if world_size == 1 else f"rank {rank}: {message}"
     message = status.get("message") or "see its log"
-    return f"trainer exited with code {code}: {message} (log: {trial_dir / 'trainer.log'})"
+    return f"{who} exited with code {code}: {message} (log: {trial_dir / rank_log_name(rank, world_size)})"
 
 
 def _write_records(path: Path, records) -> None:

@@ -5,6 +5,12 @@ process that should share the GPU through it (the vLLM server, the trainer)
 gets the same folders in its environment; the trainer also gets
 ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` (vllm-torchtune's knob). Start the daemon
 before those processes and quit it after they have ended.
+
+One daemon serves every GPU visible to it, so with ``--gpus N`` the one
+daemon covers the server's N tensor-parallel workers and the N trainer ranks:
+it inherits the backend's environment (its ``CUDA_VISIBLE_DEVICES``, if any,
+is the clients' too), and every client gets the same pipe and log folders.
+The thread percentage applies to each trainer rank on its own GPU.
 """
 
 from __future__ import annotations

@@ -17,11 +17,18 @@ then the optimizer step (no pause point after it: the iteration ends).
 
 Stock PyTorch autograd runs each piece; nothing is patched. The embeddings,
 norms and base weights are frozen, so there is no embeddings backward tasklet.
+
+Sharded over several GPUs (FSDP2, ``autotune.gpu.distributed``), the same step
+runs on every rank: each layer's FSDP hooks all-gather its weights at its
+forward and recomputation and reduce-scatter its LoRA gradients after its
+backward; the root's own weights (embeddings, final norm, output) are
+gathered around the embeddings and the head only (``_root_gathered``).
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol
 
@@ -55,6 +62,23 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
 
+@contextmanager
+def _root_gathered(model: nn.Module) -> Iterator[None]:
+    """An FSDP2 root's own weights, gathered for the block (not recursive); a
+    plain model as it is. The step never calls the root's forward, whose hooks
+    would do this."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
+
+
 def step_tasklets(model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> Iterator[Tasklet]:
     """Run one step's forward and backward one tasklet per ``next()``.
 
@@ -65,7 +89,8 @@ def step_tasklets(model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor) 
     layers = list(model.layers)
     inputs: list[torch.Tensor] = []  # each layer's input, [B, S, D], no grad
     with torch.no_grad():
-        h = model.tok_embeddings(tokens)  # [B, S, D]
+        with _root_gathered(model):
+            h = model.tok_embeddings(tokens)  # [B, S, D]
         for i, layer in enumerate(layers):
             inputs.append(h)
             h = layer(h)  # causal self-attention (no mask, no KV cache)
@@ -73,8 +98,9 @@ def step_tasklets(model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor) 
 
     # Head: norm + output + loss, with grad from the last layer's output on.
     h = h.detach().requires_grad_(True)
-    loss = lm_loss(model.unembed(h), labels)  # logits [B, S, V] float32
-    loss.backward()
+    with _root_gathered(model):
+        loss = lm_loss(model.unembed(h), labels)  # logits [B, S, V] float32
+        loss.backward()
     grad = h.grad  # [B, S, D]
     yield Tasklet(FORWARD, len(layers), loss=loss.detach())
 

@@ -17,6 +17,11 @@ sharing policy says where the trainer may stop for inference:
 - ``Preemption.TASKLET`` (LLMStation): pause points between tasklets. Without a
   channel (the trainer alone, fig12) the checks still run and never wait.
 
+Started with torchrun's variables (``WORLD_SIZE`` > 1, as the backend's
+``--gpus N`` does), it is one rank of N: the model is FSDP2-sharded, every
+rank trains its own sample of ``seq_len_tokens`` (global batch N), and all
+ranks share each policy decision; see ``autotune.gpu.distributed``.
+
 Outputs, all optional paths from the config:
 - iteration log: JSON lines, one per finished step after warm-up,
   ``{"start_s", "end_s", "tokens", "loss"}`` on the ``time.time()`` clock
@@ -74,6 +79,7 @@ class TrainerConfig:
     dtype: str | None = None  # None: bfloat16 on CUDA, float32 on CPU
     warmup_steps: int = 2  # steps before the ready marker, not logged
     max_steps: int | None = None  # logged steps before stopping; None: until asked
+    memory_fraction: float | None = None  # CUDA: set_per_process_memory_fraction of each GPU; None: no cap
 
     def sharing_policy(self) -> SharingPolicy:
         return policy_from_dict(self.policy)
@@ -175,9 +181,8 @@ def build_model(
     return model
 
 
-def load_hf_weights(model: Any, cfg: ModelConfig, folder: Path) -> int:
-    """Load a Hugging Face folder's ``*.safetensors`` into the base weights
-    (torchtune's own key conversion). Returns the number of tensors loaded."""
+def hf_state_dict(cfg: ModelConfig, folder: Path) -> dict[str, Any]:
+    """A Hugging Face folder's ``*.safetensors`` as torchtune keys (its own conversion), on the CPU."""
     from safetensors.torch import load_file
     from torchtune.models.convert_weights import hf_to_tune
     from torchtune.models.qwen2._convert_weights import qwen2_hf_to_tune
@@ -192,6 +197,13 @@ def load_hf_weights(model: Any, cfg: ModelConfig, folder: Path) -> int:
             state.update(hf_to_tune(hf, **dims))
     if cfg.tie_word_embeddings:
         state.pop("output.weight", None)  # the output shares tok_embeddings.weight
+    return state
+
+
+def load_hf_weights(model: Any, cfg: ModelConfig, folder: Path) -> int:
+    """Load a Hugging Face folder's ``*.safetensors`` into the base weights.
+    Returns the number of tensors loaded."""
+    state = hf_state_dict(cfg, folder)
     missing, unexpected = model.load_state_dict(state, strict=False)
     not_lora = [k for k in missing if "lora_" not in k]
     if not_lora or unexpected:
@@ -268,41 +280,81 @@ class _NoChannel:
         return False
 
 
-def run(config: TrainerConfig, channel: TrainerChannel | None, stop_signal: Callable[[], bool]) -> dict[str, Any]:
-    """Build, warm up, then train until stopped. Returns counts for the status file."""
+def run(config: TrainerConfig, channel: TrainerChannel | None, stop_signal: Callable[[], bool],
+        info: Any = None) -> dict[str, Any]:
+    """Build, warm up, then train until stopped. Returns counts for the status file.
+
+    ``info`` (``distributed.RankInfo``; None: one process) makes this rank r of
+    N: the process group is joined here, ``channel`` is rank 0's only (None on
+    the others), and every decision is shared (``distributed.SharedChannel``).
+    """
+    from autotune.gpu.distributed import RankInfo, process_group
+
+    info = info or RankInfo()
+    if not info.distributed:
+        return _train(config, channel, stop_signal, info, config.device)
+    with process_group(info, config.device) as device:
+        return _train(config, channel, stop_signal, info, device)
+
+
+def _train(config: TrainerConfig, channel: TrainerChannel | None, stop_signal: Callable[[], bool], info: Any,
+           device: str) -> dict[str, Any]:
     import torch
 
+    from autotune.gpu.distributed import SharedChannel, build_sharded_model, rank_path
     from autotune.gpu.tasklets import PausePoints, train_step
 
     policy = config.sharing_policy()
     cfg = model_config(config.model)
     seq_len = config.seq_len()
-    dtype = getattr(torch, config.dtype or ("bfloat16" if config.device.startswith("cuda") else "float32"))
-    model = build_model(cfg, seq_len=seq_len, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
-                        device=config.device, dtype=dtype, seed=config.seed)
-    if Path(config.model).is_dir() and any(Path(config.model).glob("*.safetensors")):
-        load_hf_weights(model, cfg, Path(config.model))
+    cuda = device.startswith("cuda")
+    if cuda and config.memory_fraction is not None:  # --gpu-mem-gb: the allocator's cap on this GPU
+        torch.cuda.set_per_process_memory_fraction(config.memory_fraction, torch.device(device))
+    dtype = getattr(torch, config.dtype or ("bfloat16" if cuda else "float32"))
+    real = Path(config.model).is_dir() and any(Path(config.model).glob("*.safetensors"))
+    if info.distributed:
+        model = build_sharded_model(cfg, seq_len=seq_len, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
+                                    device=device, dtype=dtype, seed=config.seed, info=info,
+                                    full_state=hf_state_dict(cfg, Path(config.model)) if real else None)
+    else:
+        model = build_model(cfg, seq_len=seq_len, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
+                            device=device, dtype=dtype, seed=config.seed)
+        if real:
+            load_hf_weights(model, cfg, Path(config.model))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr)
-    batches = synthetic_batches(cfg.vocab_size, seq_len, config.seed, config.device)
+    batches = synthetic_batches(cfg.vocab_size, seq_len, config.seed + info.rank, device)  # [1, S] per rank
 
-    chan: TrainerChannel = channel if channel is not None else _NoChannel()
-    cuda = config.device.startswith("cuda")
+    chan: TrainerChannel
+    if info.distributed:  # every read is a collective: same answers, same points, on every rank
+        shared = SharedChannel(channel, stop_signal, device)
+        chan, should_stop = shared, shared.stop_requested
+    else:
+        chan = channel if channel is not None else _NoChannel()
+
+        def should_stop() -> bool:
+            return stop_signal() or chan.stop_requested()
+
     pause = None
     if policy.preemption is Preemption.TASKLET:
         pause = PausePoints(chan, policy.forward_tasklets, policy.forward_wait_s, policy.backward_tasklets,
                             policy.backward_wait_s, sync=torch.cuda.synchronize if cuda else (lambda: None))
 
-    def should_stop() -> bool:
-        return stop_signal() or chan.stop_requested()
-
-    log = open(config.iteration_log, "a", encoding="utf-8") if config.iteration_log else None
+    status_path = rank_path(config.status_path, info.rank)
+    tokens_per_step = seq_len * info.world_size  # the global batch: one sample per rank
+    log = open(config.iteration_log, "a", encoding="utf-8") if config.iteration_log and info.is_main else None
     step = logged = 0
     try:
         while not should_stop() and (config.max_steps is None or logged < config.max_steps):
             if step == config.warmup_steps:
-                write_status(config.status_path, "ready", trainable_params=sum(p.numel() for p in params))
-                print(READY_LINE, flush=True)
+                if info.distributed:
+                    import torch.distributed as dist
+
+                    dist.barrier()  # every rank built and warmed up
+                trainable = sum(p.numel() for p in params)  # a sharded DTensor counts its full shape
+                write_status(status_path, "ready", trainable_params=trainable)
+                if info.is_main:
+                    print(READY_LINE, flush=True)
             if policy.preemption is Preemption.ITERATION:
                 if not enter_iteration(chan, policy.iteration_poll_s, should_stop):
                     break
@@ -318,17 +370,19 @@ def run(config: TrainerConfig, channel: TrainerChannel | None, stop_signal: Call
                 continue
             logged += 1
             if log is not None:
-                log.write(iteration_record(start_s, end_s, seq_len, loss) + "\n")
+                log.write(iteration_record(start_s, end_s, tokens_per_step, loss) + "\n")
                 log.flush()
     finally:
         chan.set_trainer_in_iteration(False)
         if log is not None:
             log.close()
     counts: dict[str, Any] = {"steps": step, "logged_steps": logged}
+    if info.distributed:
+        counts.update(rank=info.rank, world_size=info.world_size, shared_reads=shared.reads)
     if pause is not None:
         counts.update(pause_checks=pause.checks, pauses=pause.pauses, paused_s=pause.paused_s)
     if cuda:
-        counts["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+        counts["peak_memory_bytes"] = torch.cuda.max_memory_allocated(torch.device(device))
     return counts
 
 
@@ -346,32 +400,36 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
+    from autotune.gpu.distributed import RankInfo, rank_path
+
+    info = RankInfo.from_env(os.environ)  # one process unless started as rank r of N
+    status_path = rank_path(config.status_path, info.rank)
     channel = None
-    if config.channel is not None:
+    if config.channel is not None and info.is_main:  # the other ranks get rank 0's reads
         from autotune.gpu.channel import Channel
 
         channel = Channel.attach(config.channel)
-    write_status(config.status_path, "starting", pid=os.getpid())
+    write_status(status_path, "starting", pid=os.getpid())
     try:
-        counts = run(config, channel, lambda: stop["requested"])
+        counts = run(config, channel, lambda: stop["requested"], info)
     except UserError as e:
-        write_status(config.status_path, "error", message=str(e))
+        write_status(status_path, "error", message=str(e))
         print(f"autotune-trainer: error: {e}", file=sys.stderr, flush=True)
         return EXIT_ERROR
     except Exception as e:  # OOM is told apart so the trial is recorded as infeasible
         import torch
 
         if not isinstance(e, torch.cuda.OutOfMemoryError):
-            write_status(config.status_path, "error", message=f"{type(e).__name__}: {e}".splitlines()[0])
+            write_status(status_path, "error", message=f"{type(e).__name__}: {e}".splitlines()[0])
             raise
         message = "trainer out of memory: " + str(e).splitlines()[0]
-        write_status(config.status_path, "oom", message=message)
+        write_status(status_path, "oom", message=message)
         print(f"autotune-trainer: {message}", file=sys.stderr, flush=True)
         return EXIT_OOM
     finally:
         if channel is not None:
             channel.close()
-    write_status(config.status_path, "stopped", **counts)
+    write_status(status_path, "stopped", **counts)
     return 0
 
 
