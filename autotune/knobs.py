@@ -175,7 +175,7 @@ def apply_ranges(system: str, knobs: tuple[Knob, ...], doc: Mapping[str, Any], s
             raise UserError(f"{where}: a log-scale range must start above 0, got low {low:g}")
         if log and step is not None and step != 1:
             raise UserError(f"{where}: a log-scale range cannot have a step")
-        if step is not None and (high - low) / step - round((high - low) / step) > 1e-9:
+        if step is not None and abs((high - low) / step - round((high - low) / step)) > 1e-9:
             raise UserError(f"{where}: high - low ({high - low:g}) is not a multiple of step {step:g}")
         if knob.type == "int" and step is None:
             step = 1.0

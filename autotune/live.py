@@ -53,9 +53,10 @@ def header_text(ctx: StudyContext, rows: Sequence[TrialRow]) -> Text:
 
 
 def trial_table(rows: Sequence[TrialRow], knob_names: Sequence[str],
-                ttft_limit_ms: float | None, tpot_limit_ms: float | None) -> Table:
+                ttft_limit_ms: float | None, tpot_limit_ms: float | None,
+                max_rows: int | None = MAX_ROWS) -> Table:
     """The trials table: knob values, P99 latencies coloured against the SLO,
-    PEFT samples/s, feasibility and state."""
+    PEFT samples/s, feasibility and state. At most ``max_rows`` rows (None: all)."""
     table = Table(expand=False, header_style="bold")
     table.add_column("#", justify="right")
     for name in knob_names:
@@ -65,7 +66,7 @@ def trial_table(rows: Sequence[TrialRow], knob_names: Sequence[str],
     table.add_column("PEFT samples/s", justify="right")
     table.add_column("feasible", justify="center")
     table.add_column("state")
-    shown = _rows_to_show(rows)
+    shown = list(rows) if max_rows is None else _rows_to_show(rows, max_rows)
     for r in shown:
         state = Text(r.outcome, style={"crashed": "red", "interrupted": "yellow", "running": "cyan"}.get(r.outcome, ""))
         if r.error:
@@ -82,13 +83,13 @@ def trial_table(rows: Sequence[TrialRow], knob_names: Sequence[str],
     return table
 
 
-def _rows_to_show(rows: Sequence[TrialRow]) -> list[TrialRow]:
-    if len(rows) <= MAX_ROWS:
+def _rows_to_show(rows: Sequence[TrialRow], max_rows: int) -> list[TrialRow]:
+    if len(rows) <= max_rows:
         return list(rows)
     feasible = [r for r in rows if r.feasible]
     best = max(feasible, key=lambda r: (r.peft_samples_per_s, -r.number), default=None)
-    recent = list(rows[-(MAX_ROWS - 1):])
-    if best is not None and best not in recent:
+    recent = list(rows[-max_rows:])
+    if best is not None and best not in recent:  # the best, then the max_rows - 1 most recent
         recent = [best] + recent[1:]
     return recent
 

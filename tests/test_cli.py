@@ -1,0 +1,425 @@
+"""The ``autotune`` command through Typer's CliRunner: the main job end to
+end on the simulator, resume, ``show``, ``workload``, ``list``, and bad input
+(exit code 2, one line naming the problem, no traceback, no study data lost)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import optuna
+import pytest
+from typer.testing import CliRunner
+
+from autotune.cli import app
+from autotune.live import MAX_ROWS
+from autotune.systems import SYSTEMS, get_system
+
+# Not a terminal, whatever the environment says: plain lines, no colour codes.
+runner = CliRunner(env={"FORCE_COLOR": None, "TTY_COMPATIBLE": None, "TTY_INTERACTIVE": None})
+
+BASE_STUDY = "llmstation-fig8a-12rps-sim"  # the default name: system, figure, preset rate, backend
+BASE_ARGS = ["llmstation", "--figure", "fig8a", "--trials", "3", "--num-prompts", "40"]
+LLMSTATION_DEFAULTS = {"forward_tasklets": 8, "forward_wait_s": 0.005, "backward_tasklets": 8,
+                       "backward_wait_s": 0.005}
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _stderr(result) -> str:
+    try:
+        return result.stderr
+    except ValueError:  # older Click mixes stderr into output
+        return result.output
+
+
+def ok(result):
+    assert result.exit_code == 0, f"exit {result.exit_code}: {result.output}\n{result.exception!r}"
+    return result
+
+
+def user_error(result, *words: str) -> str:
+    """Exit code 2 and one line 'autotune: error: ...' holding ``words``; no traceback."""
+    assert result.exit_code == 2, f"exit {result.exit_code}: {result.output}\n{result.exception!r}"
+    assert "Traceback" not in result.output
+    lines = _stderr(result).strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("autotune: error: "), lines[0]
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    return lines[0]
+
+
+def snapshot(runs_dir: Path, name: str = BASE_STUDY) -> list:
+    """Everything stored about a study: its attributes and every trial."""
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{runs_dir / 'studies.db'}")
+    trials = [(t.number, t.state.name, t.params, t.values, t.user_attrs, t.system_attrs) for t in study.trials]
+    return [study.user_attrs, trials]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """One study of 3 trials, made once: (runs dir, CLI result, its --json document)."""
+    runs = tmp_path_factory.mktemp("base") / "runs"
+    result = ok(invoke(*BASE_ARGS, "--runs-dir", runs, "--json", runs / "out.json"))
+    return runs, result, json.loads((runs / "out.json").read_text())
+
+
+@pytest.fixture
+def runs(base, tmp_path) -> Path:
+    """A private copy of the base study's runs dir."""
+    return Path(shutil.copytree(base[0], tmp_path / "runs"))
+
+
+# ---------------------------------------------------------------- the main job
+
+
+def test_list_names_every_system_its_ranges_and_every_figure():
+    out = ok(invoke("list")).output
+    for name in SYSTEMS:
+        assert name in out
+    for fig in ("fig8a", "fig9a", "fig10", "fig12", "fig13"):
+        assert fig in out
+    assert "mps_active_thread_pct 10–100 %, step 5 (default 80)" in out
+    assert "defer_s 0.001–1 s, log (default 0.1)" in out
+
+
+def test_end_to_end_json(base):
+    _, _, doc = base
+    assert doc["system"] == "llmstation" and doc["figure"] == "fig8a"
+    assert doc["rate_req_s"] == 12.0 and doc["backend"] == "sim" and doc["model"] == "llama-3.1-8b"
+    assert doc["num_prompts"] == 40 and doc["study_name"] == BASE_STUDY
+    slo = doc["slo"]
+    assert slo["ttft_p99_ms"] > 0 and slo["tpot_p99_ms"] > 0
+    ref = doc["reference"]
+    # Relative SLOs by default: 2.0x and 1.5x the serving-alone P99.
+    assert slo["ttft_p99_ms"] == pytest.approx(2.0 * ref["serving_alone"]["ttft_p99_ms"])
+    assert slo["tpot_p99_ms"] == pytest.approx(1.5 * ref["serving_alone"]["tpot_p99_ms"])
+    assert ref["trainer_alone"]["peft_samples_per_s"] > 0
+    trials = doc["trials"]
+    assert [t["number"] for t in trials] == [0, 1, 2]
+    for t in trials:
+        assert {"number", "state", "params", "metrics", "constraints"} <= set(t)
+        assert t["state"] == "COMPLETE" and set(t["constraints"]) == {"ttft_p99", "tpot_p99"}
+        assert {"peft_samples_per_s", "ttft_p99_ms", "tpot_p99_ms"} <= set(t["metrics"])
+    assert trials[0]["params"] == LLMSTATION_DEFAULTS  # the artifact's example first
+    best = doc["best"]
+    if best is not None:
+        assert best["feasible"] is True
+        assert {"peft_samples_per_s", "ttft_p99_ms", "tpot_p99_ms"} <= set(best["metrics"])
+        assert best["metrics"]["ttft_p99_ms"] <= slo["ttft_p99_ms"]
+        assert best["metrics"]["tpot_p99_ms"] <= slo["tpot_p99_ms"]
+        feasible = [t for t in trials if all(v <= 0 for v in t["constraints"].values())]
+        assert best["metrics"]["peft_samples_per_s"] == max(t["metrics"]["peft_samples_per_s"] for t in feasible)
+
+
+def test_output_is_plain_lines_when_not_a_terminal(base):
+    runs, result, doc = base
+    lines = result.output.splitlines()
+    assert [line.split(":")[0] for line in lines if line.startswith("trial ")] == ["trial 0", "trial 1", "trial 2"]
+    assert lines[0].startswith(f"study {BASE_STUDY}: llmstation fig8a 12 req/s (h100-80gb preset)")
+    assert any(line.startswith("workload: 40 requests; synthetic") for line in lines)
+    assert "\x1b[" not in result.output and "│" not in result.output
+    summary = "best (trial" if doc["best"] is not None else "no setting meets the SLO"
+    assert any(line.startswith(summary) for line in lines)
+    assert lines[-1] == f"results written to {runs / 'out.json'}"
+
+
+def test_the_same_command_resumes_the_study(runs, tmp_path):
+    out = tmp_path / "again.json"
+    result = ok(invoke(*BASE_ARGS, "--runs-dir", runs, "--json", out))
+    assert "3 trials (3 already)" in result.output
+    assert "reference serving alone (cached)" in result.output
+    doc = json.loads(out.read_text())
+    assert [t["number"] for t in doc["trials"]] == [0, 1, 2, 3, 4, 5]
+    assert doc["trials"][0]["params"] == LLMSTATION_DEFAULTS
+    assert doc["trials"][3]["params"] != LLMSTATION_DEFAULTS  # the example is enqueued once only
+
+
+@pytest.mark.parametrize("system", [s for s in SYSTEMS if s != "llmstation"])
+def test_each_system_on_fig8a(tmp_path, system):
+    out = tmp_path / "out.json"
+    ok(invoke(system, "--figure", "fig8a", "--trials", 2, "--num-prompts", 20, "--runs-dir", tmp_path,
+              "--json", out))
+    doc = json.loads(out.read_text())
+    assert doc["system"] == system and len(doc["trials"]) == 2
+    assert doc["trials"][0]["params"] == get_system(system).search_space().defaults()
+    assert all(set(t["constraints"]) == {"ttft_p99", "tpot_p99"} for t in doc["trials"])
+
+
+def test_grid_sampler_on_vllm_torchtune(tmp_path):
+    out = tmp_path / "out.json"
+    ok(invoke("vllm-torchtune", "--sampler", "grid", "--trials", 3, "--num-prompts", 20, "--runs-dir", tmp_path,
+              "--json", out))
+    pcts = [t["params"]["mps_active_thread_pct"] for t in json.loads(out.read_text())["trials"]]
+    assert len(set(pcts)) == 3
+    assert all(p in range(10, 101, 5) for p in pcts)
+
+
+def test_gp_sampler(tmp_path):
+    # 9 trials: the example, 7 random, then one the Gaussian process proposes.
+    out = tmp_path / "out.json"
+    result = ok(invoke("vllm-torchtune", "--sampler", "gp", "--trials", 9, "--num-prompts", 10,
+                       "--runs-dir", tmp_path, "--json", out))
+    assert "sampler gp" in result.output
+    trials = json.loads(out.read_text())["trials"]
+    assert len(trials) == 9 and all(t["state"] == "COMPLETE" for t in trials)
+
+
+def test_fig12_trains_without_serving(tmp_path):
+    out = tmp_path / "out.json"
+    result = ok(invoke("llmstation", "--figure", "fig12", "--trials", 2, "--runs-dir", tmp_path, "--json", out))
+    assert "no serving" in result.output
+    doc = json.loads(out.read_text())
+    assert doc["slo"] is None and "serving_alone" not in doc["reference"]
+    for t in doc["trials"]:
+        assert "ttft_p99_ms" not in t["metrics"] and t["metrics"]["peft_samples_per_s"] > 0
+    assert doc["best"] is not None  # nothing to violate without serving
+
+
+@pytest.mark.parametrize("system", ["vllm-torchtune", "chunked", "fineinfer"])
+def test_fig12_is_for_llmstation_only(tmp_path, system):
+    user_error(invoke(system, "--figure", "fig12", "--runs-dir", tmp_path), "fig12 is for llmstation only")
+    assert not (tmp_path / "studies.db").exists()
+
+
+def test_fig13_with_skewed_adapters_of_rank_16(tmp_path):
+    out = tmp_path / "out.json"
+    ok(invoke("llmstation", "--figure", "fig13", "--lora-dist", "skewed", "--lora-rank", 16, "--trials", 2,
+              "--num-prompts", 20, "--runs-dir", tmp_path, "--json", out))
+    doc = json.loads(out.read_text())
+    assert doc["study_name"] == "llmstation-fig13-10rps-lora-skewed-r16-sim"
+    assert "adapters skewed" in doc["workload"] and len(doc["trials"]) == 2
+
+
+def test_show(base, tmp_path):
+    runs, _, doc = base
+    out = tmp_path / "show.json"
+    result = ok(invoke("show", BASE_STUDY, "--runs-dir", runs, "--json", out, "--pareto"))
+    shown = json.loads(out.read_text())
+    assert shown["trials"] == doc["trials"] and shown["best"] == doc["best"]
+    text = result.output
+    assert "P99 TPOT ms" in text and "forward_tasklets" in text  # the table
+    assert f"study {BASE_STUDY}: 3 trials" in text
+    front_lines = text.split("Pareto front (P99 TPOT ms vs PEFT samples/s):\n")[1].splitlines()
+    front = [line for line in front_lines if line.startswith("  #")]
+    assert 1 <= len(front) <= 3
+
+
+def test_show_lists_every_trial_of_a_long_study(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'studies.db'}"
+    study = optuna.create_study(study_name="long", storage=storage, direction="maximize")
+    study.set_user_attr("config", {"system": "vllm-torchtune", "figure": "fig8a", "rate_req_s": 2.0,
+                                   "backend": {"backend": "sim"}})
+    study.set_user_attr("slo", {"ttft_p99_ms": 60.0, "tpot_p99_ms": 12.0, "ttft_basis": "absolute",
+                                "tpot_basis": "absolute"})
+    dist = optuna.distributions.IntDistribution(1, 100)
+    assert 30 > MAX_ROWS  # more trials than the live view shows
+    for i in range(30):
+        study.add_trial(optuna.trial.create_trial(
+            value=i / 100, params={"mps_active_thread_pct": i + 1}, distributions={"mps_active_thread_pct": dist},
+            user_attrs={"outcome": "feasible", "metrics": {"peft_samples_per_s": i / 100, "ttft_p99_ms": 50.0,
+                                                           "tpot_p99_ms": 8.0 + i / 100}},
+            constraints={"ttft_p99": -0.1, "tpot_p99": -0.1}))
+    text = ok(invoke("show", "long", "--storage", storage, "--pareto")).output
+    numbers = {int(line.split("│")[1]) for line in text.splitlines() if line.count("│") > 3
+               and line.split("│")[1].strip().isdigit()}
+    assert numbers == set(range(30))  # the whole study, not the live view's last rows
+    assert "best (trial 29): mps_active_thread_pct=30" in text
+    # Every trial trades 0.01 ms of TPOT for 0.01 samples/s: all 30 are on the front.
+    assert sum(line.startswith("  #") for line in text.splitlines()) == 30
+
+
+def test_show_unknown_study_or_database(base, tmp_path):
+    user_error(invoke("show", "nosuch", "--runs-dir", base[0]), "no study named 'nosuch'")
+    user_error(invoke("show", BASE_STUDY, "--runs-dir", tmp_path / "empty"), "no study database")
+
+
+# ---------------------------------------------------------------- workload
+
+
+def test_workload_fig9a(tmp_path):
+    out = tmp_path / "w.jsonl"
+    result = ok(invoke("workload", "fig9a", "--rate", 4, "--num-prompts", 50, "--out", out))
+    assert "synthetic" in result.output
+    reqs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(reqs) == 50
+    assert all(set(r) == {"arrival_s", "prompt_len", "output_len", "adapter"} for r in reqs)
+    assert reqs[0]["arrival_s"] == 0.0
+    assert all(a["arrival_s"] <= b["arrival_s"] for a, b in zip(reqs, reqs[1:]))
+    assert all(r["adapter"] is None and r["prompt_len"] >= 1 and r["output_len"] >= 1 for r in reqs)
+
+
+def test_workload_fig9a_from_a_burstgpt_file(tmp_path):
+    """Data rows 0..5200 are skipped, GPT-4 rows too; the ChatGPT gaps (1 s, 3 s, 1 s, ...)
+    are scaled by one factor to a mean of 1/4 s, so the bursts keep their shape."""
+    header = "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+    rows = [f"{i * 0.5},ChatGPT,10,10,20,Conversation log\n" for i in range(5201)]
+    t = 10_000.0
+    for i in range(51):
+        rows.append(f"{t},ChatGPT,10,10,20,Conversation log\n")
+        rows.append(f"{t + 0.1},GPT-4,10,10,20,Conversation log\n")
+        t += 1.0 if i % 2 == 0 else 3.0
+    trace = _write(tmp_path / "BurstGPT.csv", header + "".join(rows))
+    out = tmp_path / "w.jsonl"
+    result = ok(invoke("workload", "fig9a", "--rate", 4, "--num-prompts", 50, "--burstgpt", trace, "--out", out))
+    assert "BurstGPT.csv" in result.output
+    arrivals = [json.loads(line)["arrival_s"] for line in out.read_text().splitlines()]
+    assert len(arrivals) == 50 and arrivals[0] == 0.0
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    assert gaps[:4] == pytest.approx([0.125, 0.375, 0.125, 0.375])  # 1 s : 3 s, mean 0.25 s
+    assert arrivals[-1] == pytest.approx(12.125)  # 24 x (0.125 + 0.375) + 0.125
+
+
+def test_workload_is_the_same_for_the_same_seed(tmp_path):
+    a, b, c = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "c.jsonl"
+    for path, seed in ((a, 3), (b, 3), (c, 4)):
+        ok(invoke("workload", "fig8a", "--rate", 2, "--num-prompts", 20, "--seed", seed, "--out", path))
+    assert a.read_text() == b.read_text() != c.read_text()
+
+
+def test_workload_fig13_uniform_adapters(tmp_path):
+    out = tmp_path / "w.jsonl"
+    ok(invoke("workload", "fig13", "--lora-dist", "uniform", "--num-prompts", 20, "--out", out))
+    adapters = [json.loads(line)["adapter"] for line in out.read_text().splitlines()]
+    assert adapters == [i % 8 for i in range(20)]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["fig12"], ["fig12 has no serving workload"]),
+    (["fig8a", "--lora-dist", "skewed"], ["--lora-dist applies to fig13 only"]),
+    (["fig8a", "--num-prompts", 0], ["number of prompts", "got 0"]),
+    (["fig8a", "--rate", -1], ["rate", "got -1"]),
+    (["fig99"], ["fig99"]),
+])
+def test_workload_bad_input(tmp_path, args, words):
+    out = tmp_path / "w.jsonl"
+    user_error(invoke("workload", *args, "--out", out), *words)
+    assert not out.exists()
+
+
+def test_workload_into_a_missing_folder(tmp_path):
+    user_error(invoke("workload", "fig8a", "--num-prompts", 5, "--out", tmp_path / "nodir" / "w.jsonl"),
+               "cannot write", "No such file or directory")
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+LLMSTATION_SPACE = """
+[forward_tasklets]
+low = 1
+high = 33
+[forward_wait_s]
+low = {wait_low}
+high = 0.05
+[backward_tasklets]
+low = 1
+high = 33
+[backward_wait_s]
+low = 0.0
+high = 0.05
+"""
+
+
+def _bad_inputs(tmp: Path) -> dict[str, tuple[list, list[str]]]:
+    """name -> (arguments, words the one-line error must hold)."""
+    sharegpt_bad = _write(tmp / "sharegpt.json", '[{"id": "a", "conversations": [')
+    burstgpt_bad = _write(tmp / "burstgpt.csv", "Time,Model\n1.0,ChatGPT\n")
+    return {
+        "unknown system": (["nosuch"], ["No such command 'nosuch'", "llmstation", "vllm-torchtune"]),
+        "unknown figure": (["llmstation", "--figure", "fig99"], ["--figure", "fig99", "fig8a"]),
+        "unknown sampler": (["llmstation", "--sampler", "bayes"], ["--sampler", "bayes", "tpe"]),
+        "unknown backend": (["llmstation", "--backend", "cloud"], ["--backend", "cloud", "sim"]),
+        "toml syntax": (["llmstation", "--search-space", _write(tmp / "syntax.toml", "[forward_tasklets]\nlow = \n")],
+                        ["malformed search-space file", "syntax.toml"]),
+        "unknown knob": (["vllm-torchtune", "--search-space",
+                          _write(tmp / "knob.toml", "[mps_pct]\nlow = 10\nhigh = 100\n")],
+                         ["unknown knob(s) mps_pct for vllm-torchtune", "mps_active_thread_pct"]),
+        "low above high": (["vllm-torchtune", "--search-space",
+                            _write(tmp / "order.toml", "[mps_active_thread_pct]\nlow = 90\nhigh = 20\n")],
+                           ["low 90 is above high 20"]),
+        "mps above 100": (["vllm-torchtune", "--search-space",
+                           _write(tmp / "mps.toml", "[mps_active_thread_pct]\nlow = 10\nhigh = 120\n")],
+                          ["mps_active_thread_pct", "10–120", "physical limits 1–100 %"]),
+        "negative wait": (["llmstation", "--search-space",
+                           _write(tmp / "wait.toml", LLMSTATION_SPACE.format(wait_low=-0.01))],
+                          ["forward_wait_s", "-0.01", "physical limits 0–10 s"]),
+        "missing search space": (["llmstation", "--search-space", tmp / "nosuch.toml"],
+                                 ["cannot read search-space file", "nosuch.toml"]),
+        "missing sharegpt": (["llmstation", "--sharegpt", tmp / "nosuch.json"], ["ShareGPT file not found"]),
+        "malformed sharegpt": (["llmstation", "--sharegpt", sharegpt_bad], ["ShareGPT file", "not readable JSON"]),
+        "missing burstgpt": (["llmstation", "--figure", "fig9a", "--burstgpt", tmp / "nosuch.csv"],
+                             ["BurstGPT file not found"]),
+        "malformed burstgpt": (["llmstation", "--figure", "fig9a", "--burstgpt", burstgpt_bad],
+                               ["BurstGPT file", "missing column(s)", "Timestamp"]),
+        "storage url": (["llmstation", "--storage", "nosuch://x"], ["unusable storage URL 'nosuch://x'"]),
+        "trials 0": (["llmstation", "--trials", 0], ["--trials"]),
+        "negative rate": (["llmstation", "--rate", -1], ["--rate must be a positive number", "-1"]),
+        "zero prompts": (["llmstation", "--num-prompts", 0], ["--num-prompts must be at least 1"]),
+        "lora-dist on fig8a": (["llmstation", "--figure", "fig8a", "--lora-dist", "skewed"],
+                               ["--lora-dist applies to fig13 only, not fig8a"]),
+        "lora rank": (["llmstation", "--figure", "fig13", "--lora-rank", 12], ["--lora-rank", "8, 16, 32", "12"]),
+        "negative slo": (["llmstation", "--slo-ttft-ms", -5], ["ttft_p99_ms must be positive"]),
+        "unknown model": (["llmstation", "--model", "gpt-9"], ["unknown model preset 'gpt-9'", "llama-3.1-8b"]),
+        "other settings": (["llmstation", "--figure", "fig8a", "--trials", 1, "--num-prompts", 30,
+                            "--study-name", BASE_STUDY], [f"study '{BASE_STUDY}' exists with other settings"]),
+        "other slo": ([*BASE_ARGS, "--slo-tpot-ms", 50], [f"study '{BASE_STUDY}' was run with other SLOs"]),
+    }
+
+
+BAD_INPUT_NAMES = [
+    "unknown system", "unknown figure", "unknown sampler", "unknown backend", "toml syntax", "unknown knob",
+    "low above high", "mps above 100", "negative wait", "missing search space", "missing sharegpt",
+    "malformed sharegpt", "missing burstgpt", "malformed burstgpt", "storage url", "trials 0", "negative rate",
+    "zero prompts", "lora-dist on fig8a", "lora rank", "negative slo", "unknown model", "other settings",
+    "other slo",
+]
+
+
+@pytest.mark.parametrize("name", BAD_INPUT_NAMES)
+def test_bad_input_is_one_line_exit_2_and_loses_nothing(runs, tmp_path, name):
+    args, words = _bad_inputs(tmp_path)[name]
+    before = snapshot(runs)
+    user_error(invoke(*args, "--runs-dir", runs), *words)
+    assert snapshot(runs) == before
+
+
+def test_bad_input_cases_are_all_run(tmp_path):
+    assert sorted(BAD_INPUT_NAMES) == sorted(_bad_inputs(tmp_path))
+
+
+def test_a_file_that_is_not_sqlite_is_refused_and_left_alone(tmp_path):
+    notes = _write(tmp_path / "notes.db", "my notes, not a database\n")
+    user_error(invoke("llmstation", "--storage", f"sqlite:///{notes}", "--runs-dir", tmp_path / "runs"),
+               "is not an SQLite database")
+    assert notes.read_bytes() == b"my notes, not a database\n"
+
+
+def test_json_into_a_missing_folder_keeps_the_trials(runs, tmp_path):
+    before = len(snapshot(runs)[1])
+    result = invoke("llmstation", "--figure", "fig8a", "--trials", 1, "--num-prompts", 40, "--runs-dir", runs,
+                    "--json", tmp_path / "nodir" / "out.json")
+    user_error(result, "cannot write", "nodir/out.json", "No such file or directory")
+    assert len(snapshot(runs)[1]) == before + 1  # the trial is stored
+    assert f"study {BASE_STUDY}: 4 trials" in result.output  # and the answer was printed first
+
+
+def test_gpu_backend_without_vllm_is_one_line(tmp_path):
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("vLLM is installed: this checks a machine without it")
+    line = user_error(invoke("llmstation", "--backend", "gpu", "--trials", 1, "--runs-dir", tmp_path),
+                      "--backend gpu needs")
+    assert "pip install" in line or "nvidia-smi" in line
