@@ -333,6 +333,8 @@ def run_references(ctx: StudyContext, observer: StudyObserver) -> None:
     for kind in kinds:
         key = _reference_key(ctx, kind)
         record = stored.get(kind.value) or cache.get(key)
+        if record is not None and record.get("error"):
+            record = None  # a failed reference is made again, never reused
         cached = record is not None
         if record is None:
             observer.on_progress(0.0, f"reference run: {kind.value.replace('_', ' ')}")

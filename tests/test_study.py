@@ -173,3 +173,27 @@ def test_no_feasible_setting(tmp_path):
 
     assert "no setting meets the SLO; PEFT throughput counts as 0" in summary_text(result)
     assert result.to_dict()["best"] is None
+
+
+class FlakyReference(ScriptedBackend):
+    """Serving alone fails the first time it is asked, then works."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed_once = False
+
+    def run_trial(self, spec, progress=lambda f, s: None):
+        if spec.kind is TrialKind.SERVING_ALONE and not self.failed_once:
+            self.failed_once = True
+            self.calls.append(spec)
+            return TrialResult.crash("server died")
+        return super().run_trial(spec, progress)
+
+
+def test_a_failed_reference_is_an_error_and_is_made_again_next_time(tmp_path):
+    backend = FlakyReference()
+    with pytest.raises(UserError, match="serving-alone reference run failed \\(server died\\)"):
+        run_study(_config(tmp_path, sampler="random"), backend, n_trials=1)
+    ctx = run_study(_config(tmp_path, sampler="random"), backend, n_trials=1)
+    assert ctx.slo.ttft_p99_ms == pytest.approx(60.0)
+    assert sum(s.kind is TrialKind.SERVING_ALONE for s in backend.calls) == 2
