@@ -159,8 +159,7 @@ class GpuBackend(Backend):
         except ImportError as e:
             raise UserError(f"--backend gpu needs vLLM and the GPU extras ({e.name} is missing): "
                             "pip install 'autotune[gpu]'") from None
-        if finetune_data is not None:
-            raise UserError("--finetune-data is not supported yet: the trainer uses synthetic token ids")
+        self.finetune_data, self.tokenizer = _finetune_inputs(finetune_data, model_path)
         from autotune.gpu.procs import ProcessRegistry
         from autotune.gpu.server import ServerKeeper
 
@@ -210,6 +209,7 @@ class GpuBackend(Backend):
             "torch": torch.__version__,
             "mps": self.use_mps,
             "vllm_args": list(self.vllm_args),
+            "finetune_data": str(self.finetune_data) if self.finetune_data is not None else "synthetic token ids",
             "run_dir": str(self.root),
         }
 
@@ -287,6 +287,8 @@ class GpuBackend(Backend):
             status_path=str(trial_dir / "trainer-status.json"), lora_rank=spec.trainer_lora_rank,
             channel=channel_name, seed=spec.seed, warmup_steps=self.warmup_steps,
             memory_fraction=self._memory(spec).trainer_memory_fraction,
+            finetune_data=str(self.finetune_data) if self.finetune_data is not None else None,
+            tokenizer=str(self.tokenizer) if self.tokenizer is not None else None,
         )
         config.write(trial_dir / "trainer-config.json")
         env = dict(os.environ)
@@ -405,6 +407,20 @@ class GpuBackend(Backend):
         if self._mps is not None:
             shutil.rmtree(self._mps.pipe_dir.parent, ignore_errors=True)
             self._mps = None
+
+
+def _finetune_inputs(finetune_data: Path | None, model_path: Path | None) -> tuple[Path | None, Path | None]:
+    """(data, tokenizer) for the trainer: ``--finetune-data`` with ``--model
+    PATH``'s tokenizer.json, both read and checked now (UserError), or (None,
+    None): synthetic token ids."""
+    if finetune_data is None:
+        return None, None
+    from autotune.gpu.finetune_data import load_alpaca, load_tokenizer, model_tokenizer
+
+    tokenizer = model_tokenizer(model_path)
+    load_alpaca(finetune_data)
+    load_tokenizer(tokenizer)
+    return Path(finetune_data).resolve(), tokenizer.resolve()
 
 
 WARM_UP_S = 10.0  # traffic replayed to a new server before it is measured

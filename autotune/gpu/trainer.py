@@ -5,10 +5,12 @@
 The model is built with torchtune's model builders for any preset (random
 weights: the same shapes give the same speed) or a local Hugging Face folder
 (its ``*.safetensors`` loaded when present): LoRA rank 8 / alpha 16 on q, k and
-v only, base frozen, bf16 on CUDA, batch 1 of ``seq_len_tokens`` synthetic
-token ids, AdamW lr 3e-4 over the LoRA weights, per-layer activation
-checkpointing. Each step runs as tasklets (``autotune.gpu.tasklets``); the
-sharing policy says where the trainer may stop for inference:
+v only, base frozen, bf16 on CUDA, batch 1 of ``seq_len_tokens`` token ids
+(synthetic, or an Alpaca-format file packed to that length with a real
+tokenizer: ``finetune_data``, ``autotune.gpu.finetune_data``), AdamW lr 3e-4
+over the LoRA weights, per-layer activation checkpointing. Each step runs as
+tasklets (``autotune.gpu.tasklets``); the sharing policy says where the
+trainer may stop for inference:
 
 - ``Preemption.NONE``: runs freely (its MPS share comes from the environment,
   ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``, set by whoever launches it);
@@ -80,6 +82,8 @@ class TrainerConfig:
     warmup_steps: int = 2  # steps before the ready marker, not logged
     max_steps: int | None = None  # logged steps before stopping; None: until asked
     memory_fraction: float | None = None  # CUDA: set_per_process_memory_fraction of each GPU; None: no cap
+    finetune_data: str | None = None  # Alpaca-format JSON (autotune.gpu.finetune_data); None: synthetic ids
+    tokenizer: str | None = None  # tokenizer.json or its folder; needed with finetune_data
 
     def sharing_policy(self) -> SharingPolicy:
         return policy_from_dict(self.policy)
@@ -221,6 +225,21 @@ def synthetic_batches(vocab_size: int, seq_len: int, seed: int, device: str) -> 
         yield ids[:, :-1], ids[:, 1:]
 
 
+def training_batches(config: TrainerConfig, vocab_size: int, seq_len: int, device: str, rank: int = 0,
+                     world_size: int = 1) -> Iterator[tuple[Any, Any]]:
+    """The trainer's endless (tokens, labels), each [1, seq_len]: the config's
+    fine-tuning data (rank r of N takes its own shard), else synthetic ids
+    seeded ``seed + rank``. Data and tokenizer are checked here (UserError)."""
+    if config.finetune_data is None:
+        return synthetic_batches(vocab_size, seq_len, config.seed + rank, device)
+    if config.tokenizer is None:
+        raise UserError("finetune_data needs a tokenizer (tokenizer.json or its folder)")
+    from autotune.gpu.finetune_data import finetune_batches
+
+    return finetune_batches(config.finetune_data, config.tokenizer, seq_len=seq_len, seed=config.seed,
+                            device=device, vocab_size=vocab_size, rank=rank, world_size=world_size)
+
+
 # ---------------------------------------------------------------- the loop
 
 
@@ -311,6 +330,7 @@ def _train(config: TrainerConfig, channel: TrainerChannel | None, stop_signal: C
     if cuda and config.memory_fraction is not None:  # --gpu-mem-gb: the allocator's cap on this GPU
         torch.cuda.set_per_process_memory_fraction(config.memory_fraction, torch.device(device))
     dtype = getattr(torch, config.dtype or ("bfloat16" if cuda else "float32"))
+    batches = training_batches(config, cfg.vocab_size, seq_len, device, info.rank, info.world_size)  # [1, S] per rank
     real = Path(config.model).is_dir() and any(Path(config.model).glob("*.safetensors"))
     if info.distributed:
         model = build_sharded_model(cfg, seq_len=seq_len, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
@@ -323,7 +343,6 @@ def _train(config: TrainerConfig, channel: TrainerChannel | None, stop_signal: C
             load_hf_weights(model, cfg, Path(config.model))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr)
-    batches = synthetic_batches(cfg.vocab_size, seq_len, config.seed + info.rank, device)  # [1, S] per rank
 
     chan: TrainerChannel
     if info.distributed:  # every read is a collective: same answers, same points, on every rank
