@@ -35,20 +35,31 @@ def start_group(argv: Sequence[str], log_path: Path, env: Mapping[str, str] | No
         )
 
 
+def _stat_fields(pid: int | str) -> list[bytes] | None:
+    """The fields of /proc/PID/stat after "pid (comm)", or None if it has ended.
+    comm may hold spaces and parens, so split after its last ")"."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:  # it ended while we looked
+        return None
+    return stat[stat.rindex(b")") + 2:].split()  # [state, ppid, pgrp, ...]
+
+
+def is_alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] != b"Z"
+
+
 def group_members(pgid: int) -> list[int]:
     """Live (not zombie) processes of process group ``pgid``, from /proc."""
     members = []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:  # it ended while we looked
-            continue
-        # "pid (comm) state ppid pgrp ...": comm may hold spaces and parens.
-        fields = stat[stat.rindex(b")") + 2:].split()
-        if fields[0] != b"Z" and int(fields[2]) == pgid:
+        fields = _stat_fields(entry.name)
+        if fields is not None and fields[0] != b"Z" and int(fields[2]) == pgid:
             members.append(int(entry.name))
     return members
 

@@ -32,7 +32,7 @@ from autotune.gpu.backend import (  # noqa: E402
     weights_gib_per_gpu,
 )
 from autotune.gpu.distributed import RankInfo, TrainerRanks, rank_env, rank_path  # noqa: E402
-from autotune.gpu.procs import ProcessRegistry  # noqa: E402
+from autotune.gpu.procs import ProcessRegistry  # noqa: E402, is_alive
 from autotune.gpu.trainer import EXIT_OOM, TrainerConfig, build_model, read_iteration_log, trainer_command  # noqa: E402
 from autotune.models import PRESETS, ModelConfig  # noqa: E402
 from autotune.policy import Preemption, SharingPolicy  # noqa: E402
@@ -237,14 +237,6 @@ _ENV_DUMP = textwrap.dedent("""
 """)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except FileNotFoundError:
-        return False
-    return stat[stat.rindex(b")") + 2:].split()[0] != b"Z"
-
-
 def _start_dumpers(tmp_path: Path, procs: ProcessRegistry, world_size: int, mode: str) -> TrainerRanks:
     argv = [sys.executable, "-c", _ENV_DUMP, str(tmp_path), mode]
     ranks = TrainerRanks(procs, argv, tmp_path, {**os.environ, "AUTOTUNE_TEST": "kept"}, world_size, grace_s=0.5)
@@ -271,7 +263,7 @@ def test_launcher_gives_each_rank_its_env_and_stopping_ends_all(tmp_path: Path) 
         pids = [p.pid for p in ranks.ranks]
         assert len({os.getpgid(pid) for pid in pids}) == 2  # each rank its own process group
         ranks.terminate()  # rank 1 ignores SIGTERM: killed after the grace period
-        assert not any(_alive(pid) for pid in pids)
+        assert not any(is_alive(pid) for pid in pids)
         assert [p.returncode for p in ranks.ranks] == [-15, -9]
         assert procs.running == []
 
@@ -283,7 +275,7 @@ def test_one_rank_gets_no_distributed_env(tmp_path: Path) -> None:
         assert env["RANK"] is None and env["WORLD_SIZE"] is None and env["AUTOTUNE_TEST"] == "kept"
         assert ranks.master_port is None and (tmp_path / "trainer.log").exists()
         ranks.kill()
-        assert not _alive(ranks.ranks[0].pid)
+        assert not is_alive(ranks.ranks[0].pid)
 
 
 def test_a_rank_that_runs_out_of_memory_is_blamed(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from autotune.gpu.procs import ProcessRegistry, group_members, start_group, terminate_group
+from autotune.gpu.procs import ProcessRegistry, group_members, is_alive, start_group, terminate_group
 
 # A child that starts a grandchild, writes the grandchild's pid, prints, and waits.
 _PARENT = textwrap.dedent("""
@@ -18,14 +18,6 @@ _PARENT = textwrap.dedent("""
     print("child up", flush=True)
     time.sleep(600)
 """)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except FileNotFoundError:
-        return False
-    return stat[stat.rindex(b")") + 2:].split()[0] != b"Z"
 
 
 def _start(tmp_path: Path, name: str, mode: str = "plain", registry: ProcessRegistry | None = None):
@@ -55,7 +47,7 @@ def test_terminate_group_ends_child_and_grandchild(tmp_path):
     proc, grandchild, _ = _start(tmp_path, "b")
     code = terminate_group(proc, grace_s=5)
     assert code == -15  # SIGTERM
-    assert not _alive(proc.pid) and not _alive(grandchild)
+    assert not is_alive(proc.pid) and not is_alive(grandchild)
     assert group_members(proc.pid) == []
 
 
@@ -63,7 +55,7 @@ def test_sigkill_after_grace_when_term_is_ignored(tmp_path):
     proc, grandchild, _ = _start(tmp_path, "c", mode="ignore-term")
     code = terminate_group(proc, grace_s=0.3)
     assert code == -9  # SIGKILL
-    assert not _alive(proc.pid) and not _alive(grandchild)
+    assert not is_alive(proc.pid) and not is_alive(grandchild)
 
 
 def test_registry_ends_everything_on_exception_in_reverse_order(tmp_path):
@@ -77,7 +69,7 @@ def test_registry_ends_everything_on_exception_in_reverse_order(tmp_path):
             raise RuntimeError("trial crashed")
     # The callback registered last ran first (both children still up), the daemon last.
     assert order == [("after procs", True, True), "daemon quit"]
-    assert not any(_alive(pid) for pid in (p1.pid, g1, p2.pid, g2))
+    assert not any(is_alive(pid) for pid in (p1.pid, g1, p2.pid, g2))
     assert reg.running == []
 
 
@@ -86,7 +78,7 @@ def test_registry_ends_everything_on_keyboard_interrupt(tmp_path):
         with ProcessRegistry() as reg:
             proc, grandchild, _ = _start(tmp_path, "f", registry=reg)
             raise KeyboardInterrupt
-    assert not _alive(proc.pid) and not _alive(grandchild)
+    assert not is_alive(proc.pid) and not is_alive(grandchild)
 
 
 def test_registry_terminate_one_and_keep_others(tmp_path):
@@ -94,9 +86,9 @@ def test_registry_terminate_one_and_keep_others(tmp_path):
         p1, g1, _ = _start(tmp_path, "g", registry=reg)
         p2, g2, _ = _start(tmp_path, "h", registry=reg)
         reg.terminate(p1)
-        assert not _alive(p1.pid) and not _alive(g1)
-        assert reg.running == [p2] and _alive(g2)
-    assert not _alive(p2.pid) and not _alive(g2)
+        assert not is_alive(p1.pid) and not is_alive(g1)
+        assert reg.running == [p2] and is_alive(g2)
+    assert not is_alive(p2.pid) and not is_alive(g2)
 
 
 def test_registry_runs_all_cleanups_even_if_one_fails():

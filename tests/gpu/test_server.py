@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from autotune.errors import TrialCrash
-from autotune.gpu.procs import ProcessRegistry
+from autotune.gpu.procs import ProcessRegistry, is_alive
 from autotune.gpu.server import Decision, ServerConfig, ServerKeeper, VllmServer, decide, free_port
 
 PY = "/py"
@@ -112,14 +112,6 @@ _FAKE_VLLM = textwrap.dedent("""
 """)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except FileNotFoundError:
-        return False
-    return stat[stat.rindex(b")") + 2:].split()[0] != b"Z"
-
-
 def test_start_health_check_and_stop_kill_the_group(tmp_path):
     port = free_port()
     cfg = _preset(lora_modules=(("adapter-0", "/a0"),), max_lora_rank=8, port=port)
@@ -133,7 +125,7 @@ def test_start_health_check_and_stop_kill_the_group(tmp_path):
         leader = server.proc.pid
         server.stop()
         assert not server.is_alive()
-        assert not _alive(leader) and not _alive(grandchild)
+        assert not is_alive(leader) and not is_alive(grandchild)
         assert procs.running == []
     assert "serving" in (tmp_path / "server.log").read_text()
 
