@@ -32,7 +32,7 @@ from autotune.gpu.backend import (  # noqa: E402
     weights_gib_per_gpu,
 )
 from autotune.gpu.distributed import RankInfo, TrainerRanks, rank_env, rank_path  # noqa: E402
-from autotune.gpu.procs import ProcessRegistry  # noqa: E402, is_alive
+from autotune.gpu.procs import ProcessRegistry, is_alive  # noqa: E402
 from autotune.gpu.trainer import EXIT_OOM, TrainerConfig, build_model, read_iteration_log, trainer_command  # noqa: E402
 from autotune.models import PRESETS, ModelConfig  # noqa: E402
 from autotune.policy import Preemption, SharingPolicy  # noqa: E402
