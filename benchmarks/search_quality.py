@@ -414,8 +414,14 @@ def machine() -> dict[str, Any]:
 
 
 def command_line() -> str:
+    """This run's command, relative to the repository root; local paths of
+    --work-dir and --log shown as placeholders."""
     script = Path(sys.argv[0]).resolve().relative_to(Path(__file__).resolve().parents[1])
-    return " ".join(["python", script.as_posix(), *sys.argv[1:]])
+    argv = list(sys.argv[1:])
+    for i, a in enumerate(argv[:-1]):
+        if a in ("--work-dir", "--log"):
+            argv[i + 1] = "<" + a.removeprefix("--").replace("-", " ") + ">"
+    return " ".join(["python", script.as_posix(), *argv])
 
 
 # ---------------------------------------------------------------- main

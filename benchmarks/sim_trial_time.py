@@ -6,7 +6,7 @@ seed 0, no simulator noise. Timed: ``backend.run_trial(spec)`` only (the
 workload is built once, outside the timing), with ``time.perf_counter``;
 one untimed warm-up run first, then the median of ``--runs`` runs.
 Sizes: 200 requests (the issue's target: <= 0.2 s per trial) and 2400
-requests (fig8a's prompt count at 12 req/s for the torchtune-based systems).
+requests (fig8a's prompt count at 12 req/s, 200 x rate; FineInfer's is 400 x rate).
 
     python benchmarks/sim_trial_time.py            # writes benchmarks/results/sim_trial_time.{json,md}
     python benchmarks/sim_trial_time.py --runs 5 --out-dir /tmp/x
