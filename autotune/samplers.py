@@ -28,9 +28,11 @@ def make_sampler(name: str, space: SearchSpace, seed: int) -> optuna.samplers.Ba
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=N_STARTUP_TRIALS)
     if name == "gp":
         try:
-            import torch  # noqa: F401  (GPSampler's dependency)
-        except ImportError:
-            raise UserError("--sampler gp needs PyTorch: pip install 'autotune[gp]' (the CPU build is enough)") from None
+            import scipy  # noqa: F401  (GPSampler's dependencies)
+            import torch  # noqa: F401
+        except ImportError as e:
+            raise UserError(f"--sampler gp needs PyTorch and SciPy ({e.name} is missing): "
+                            "pip install 'autotune[gp]' (the CPU build of PyTorch is enough)") from None
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=N_STARTUP_TRIALS)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
