@@ -34,13 +34,11 @@ from autotune.gpu.backend import (  # noqa: E402
 from autotune.gpu.distributed import RankInfo, TrainerRanks, rank_env, rank_path  # noqa: E402
 from autotune.gpu.procs import ProcessRegistry, is_alive  # noqa: E402
 from autotune.gpu.trainer import EXIT_OOM, TrainerConfig, build_model, read_iteration_log, trainer_command  # noqa: E402
-from autotune.models import PRESETS, ModelConfig  # noqa: E402
+from autotune.models import PRESETS  # noqa: E402
 from autotune.policy import Preemption, SharingPolicy  # noqa: E402
 
-TINY = ModelConfig(
-    name="tiny", hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-    head_dim=16, vocab_size=128, rope_theta=500000.0, rope_scaling=PRESETS["llama-3.1-8b"].rope_scaling,
-)
+from tiny_model import TINY  # noqa: E402
+
 SEQ = 16  # tokens per sample
 WAIT_S = 120.0  # bound on every multi-process wait: a deadlock fails, it does not hang
 LLMSTATION = SharingPolicy(

@@ -27,8 +27,8 @@ from autotune.gpu.finetune_data import (  # noqa: E402
     tokenize_sample,
 )
 from autotune.gpu.trainer import TrainerConfig, read_iteration_log, run, training_batches  # noqa: E402
-from autotune.models import PRESETS, ModelConfig  # noqa: E402
 from autotune.policy import Preemption, SharingPolicy  # noqa: E402
+from tiny_model import TINY  # noqa: E402
 
 IGNORE = CROSS_ENTROPY_IGNORE_IDX
 SAMPLES = [
@@ -267,10 +267,6 @@ def test_the_backend_takes_the_models_tokenizer(data: Path, tok_dir: Path, tmp_p
         _finetune_inputs(tmp_path / "missing.json", tok_dir)
 
 
-TINY = ModelConfig(
-    name="tiny", hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-    head_dim=16, vocab_size=128, rope_theta=500000.0, rope_scaling=PRESETS["llama-3.1-8b"].rope_scaling,
-)
 FREE = SharingPolicy(mps=True, gpu_memory_utilization=0.45, trainer_seq_len_tokens=32, preemption=Preemption.NONE)
 
 

@@ -29,13 +29,11 @@ from autotune.gpu.trainer import (  # noqa: E402
     trainer_command,
 )
 from autotune.metrics import TrainerIteration, peft_metrics  # noqa: E402
-from autotune.models import PRESETS, ModelConfig  # noqa: E402
+from autotune.models import PRESETS  # noqa: E402
 from autotune.policy import Preemption, SharingPolicy  # noqa: E402
 
-TINY = ModelConfig(
-    name="tiny", hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-    head_dim=16, vocab_size=128, rope_theta=500000.0, rope_scaling=PRESETS["llama-3.1-8b"].rope_scaling,
-)
+from tiny_model import TINY  # noqa: E402
+
 LLMSTATION = SharingPolicy(
     mps=True, gpu_memory_utilization=0.75, trainer_seq_len_tokens=16, preemption=Preemption.TASKLET,
     forward_tasklets=1, forward_wait_s=0.001, backward_tasklets=1, backward_wait_s=0.001,
