@@ -156,6 +156,29 @@ class SharedChannel:
         if self._channel is not None:
             self._channel.set_trainer_in_iteration(value)
 
+    def enter_iteration(self, poll_s: float, should_stop: Callable[[], bool],
+                        sleep: Callable[[float], None] = time.sleep) -> bool:
+        """FineInfer's gate for N ranks (``trainer.enter_iteration`` for one).
+
+        Rank 0 makes the single-process handshake on its own channel (flag up,
+        read, flag down again if busy) and only then shares its answer. Read
+        through ``requests_in_flight``, the flag would stay up across the
+        collective while the ranks wait for each other, and the load
+        generator's gate would hold requests all that time.
+        """
+        while True:
+            busy = 0
+            if self._channel is not None:
+                self._channel.set_trainer_in_iteration(True)
+                busy = self._channel.requests_in_flight()
+                if busy:
+                    self._channel.set_trainer_in_iteration(False)
+            if self._max(busy) == 0:
+                return True
+            if should_stop():
+                return False
+            sleep(poll_s)
+
 
 def shard_model(model: Any, world_size: int, device_type: str) -> Any:
     """FSDP2 over ``world_size`` ranks: one unit per decoder layer, the root for the rest."""

@@ -43,6 +43,7 @@ import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
@@ -375,7 +376,8 @@ def _train(config: TrainerConfig, channel: TrainerChannel | None, stop_signal: C
                 if info.is_main:
                     print(READY_LINE, flush=True)
             if policy.preemption is Preemption.ITERATION:
-                if not enter_iteration(chan, policy.iteration_poll_s, should_stop):
+                gate = shared.enter_iteration if info.distributed else partial(enter_iteration, chan)
+                if not gate(policy.iteration_poll_s, should_stop):
                     break
             else:
                 chan.set_trainer_in_iteration(True)
