@@ -113,6 +113,8 @@ def _tune(system: str):
         finetune_data: Annotated[Optional[Path], typer.Option(help="gpu: Alpaca-format JSON for the trainer")] = None,
         gpus: Annotated[int, typer.Option(help="gpu: GPUs (tensor parallel serving, one FSDP trainer rank each)")] = 1,
         gpu_mem_gb: Annotated[Optional[float], typer.Option(help="gpu: hold each GPU to this many GiB (artifact: 24)")] = None,
+        confirm: Annotated[int, typer.Option(min=0, help="re-run the best settings on N fresh workloads; "
+                                             "recommend the best that meets the SLO on all")] = 0,
         plain: Annotated[bool, typer.Option(help="one line per trial instead of the live table")] = False,
     ) -> None:
         from autotune.study import StudyConfig
@@ -126,7 +128,7 @@ def _tune(system: str):
             sampler=sampler.value, seed=seed, storage=storage, study_name=study_name,
             search_space_path=search_space, sharegpt_path=sharegpt, burstgpt_path=burstgpt,
             tokenizer_path=tokenizer, lora_dist=lora_dist.value if lora_dist else None, lora_rank=lora_rank,
-            trial_seconds=trial_seconds, warmup_s=warmup_s, runs_dir=runs_dir,
+            trial_seconds=trial_seconds, warmup_s=warmup_s, runs_dir=runs_dir, confirm_workloads=confirm,
         )
         if backend.value == "sim":
             if gpus != 1:

@@ -14,6 +14,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
+from autotune.confirm import Confirmation
 from autotune.results import TrialRow, _fmt, format_params
 from autotune.study import StudyContext, StudyObserver
 
@@ -94,6 +95,22 @@ def _rows_to_show(rows: Sequence[TrialRow], max_rows: int) -> list[TrialRow]:
     return recent
 
 
+def confirmation_text(confirmed: Sequence[tuple[int, Confirmation]]) -> Text:
+    """One line per confirmation run: the trial, the fresh workload, the P99s and the verdict."""
+    t = Text()
+    for number, c in confirmed:
+        t.append(f"confirm #{number} on workload seed {c.workload_seed}: ")
+        if c.error is not None:
+            t.append(f"crashed: {c.error}\n", style="red")
+            continue
+        m = c.metrics
+        t.append(f"P99 TTFT {m.get('ttft_p99_ms', float('nan')):.1f} ms, P99 TPOT {m.get('tpot_p99_ms', float('nan')):.2f} ms, "
+                 f"{m.get('peft_samples_per_s', 0):.3f} samples/s ")
+        t.append(c.outcome + "\n", style="green" if c.feasible else "red")
+    t.rstrip()
+    return t
+
+
 class LiveReporter(StudyObserver):
     """A rich live table, refreshed after every trial, with the trial in flight's progress."""
 
@@ -105,15 +122,16 @@ class LiveReporter(StudyObserver):
         self.task = self.progress.add_task("starting", total=1.0)
         self.live: Live | None = None
         self.ctx: StudyContext | None = None
+        self.confirmed: list[tuple[int, Confirmation]] = []  # (trial number, re-run) as they finish
 
     def _render(self) -> Group:
         assert self.ctx is not None
         slo = self.ctx.slo
-        return Group(
-            header_text(self.ctx, self.rows),
-            trial_table(self.rows, self.ctx.space.names, slo and slo.ttft_p99_ms, slo and slo.tpot_p99_ms),
-            self.progress,
-        )
+        parts = [header_text(self.ctx, self.rows),
+                 trial_table(self.rows, self.ctx.space.names, slo and slo.ttft_p99_ms, slo and slo.tpot_p99_ms)]
+        if self.confirmed:
+            parts.append(confirmation_text(self.confirmed))
+        return Group(*parts, self.progress)
 
     def _refresh(self) -> None:
         if self.live is not None:
@@ -139,6 +157,16 @@ class LiveReporter(StudyObserver):
     def on_trial_end(self, ctx: StudyContext, trial: optuna.trial.FrozenTrial) -> None:
         self.rows.append(TrialRow.of(trial))
         self.progress.update(self.task, completed=1.0)
+        self._refresh()
+
+    def on_confirm_start(self, ctx: StudyContext, number: int, params: Mapping[str, float], index: int,
+                         n: int) -> None:
+        self.progress.update(self.task, completed=0.0,
+                             description=f"confirming trial {number} on fresh workload {index} of {n}")
+        self._refresh()
+
+    def on_confirm_end(self, ctx: StudyContext, number: int, record: Confirmation) -> None:
+        self.confirmed.append((number, record))
         self._refresh()
 
     def on_end(self, ctx: StudyContext) -> None:
@@ -183,6 +211,9 @@ class PlainReporter(StudyObserver):
             self._print(f"SLO: P99 TTFT <= {ctx.slo.ttft_p99_ms:.1f} ms ({ctx.slo.ttft_basis}), "
                         f"P99 TPOT <= {ctx.slo.tpot_p99_ms:.2f} ms ({ctx.slo.tpot_basis})")
             self._slo_printed = True
+
+    def on_confirm_end(self, ctx: StudyContext, number: int, record: Confirmation) -> None:
+        self._print(str(confirmation_text([(number, record)])))
 
     def on_trial_end(self, ctx: StudyContext, trial: optuna.trial.FrozenTrial) -> None:
         r = TrialRow.of(trial)

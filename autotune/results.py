@@ -15,6 +15,8 @@ from typing import Any
 
 import optuna
 
+from autotune.confirm import ATTR_SEEDS, CANDIDATES, Confirmation, verdict
+from autotune.confirm import load as load_confirmations
 from autotune.errors import UserError
 
 _CONSTRAINT_PREFIX = "constraints:"
@@ -78,12 +80,37 @@ class StudyResult:
     slo: dict[str, Any] | None  # resolved limits in ms and their basis
     references: dict[str, Any]
     rows: tuple[TrialRow, ...] = field(default=())
+    confirmations: dict[int, list[Confirmation]] = field(default_factory=dict)  # by trial number
+    confirm_seeds: tuple[int, ...] = ()  # workload seeds of the latest --confirm (empty: never asked)
+
+    @property
+    def confirm_workloads(self) -> int:
+        return len(self.confirm_seeds)
+
+    def ranked_feasible(self) -> list[TrialRow]:
+        """Feasible trials, highest PEFT throughput first (lowest number on ties)."""
+        return sorted((r for r in self.rows if r.feasible), key=lambda r: (-r.peft_samples_per_s, r.number))
 
     @property
     def best(self) -> TrialRow | None:
         """The feasible trial with the highest PEFT throughput (lowest number on ties)."""
-        feasible = [r for r in self.rows if r.feasible]
-        return max(feasible, key=lambda r: (r.peft_samples_per_s, -r.number), default=None)
+        ranked = self.ranked_feasible()
+        return ranked[0] if ranked else None
+
+    def confirmed(self, row: TrialRow) -> bool | None:
+        """Whether ``row``'s setting met the SLO on every fresh workload asked
+        for (None: not confirmed, or confirmation never asked)."""
+        if not self.confirm_workloads:
+            return None
+        return verdict(self.confirmations.get(row.number, []), self.confirm_seeds)
+
+    @property
+    def recommended(self) -> TrialRow | None:
+        """The answer: without confirmation, ``best``; with it, the best feasible
+        trial whose setting also met the SLO on all the fresh workloads."""
+        if not self.confirm_workloads:
+            return self.best
+        return next((r for r in self.ranked_feasible() if self.confirmed(r)), None)
 
     @classmethod
     def of(cls, study: optuna.Study) -> StudyResult:
@@ -94,6 +121,8 @@ class StudyResult:
             slo=attrs.get("slo"),
             references=dict(attrs.get("references", {})),
             rows=tuple(TrialRow.of(t) for t in study.get_trials(deepcopy=False)),
+            confirmations=load_confirmations(attrs),
+            confirm_seeds=tuple(int(x) for x in attrs.get(ATTR_SEEDS, ())),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -114,14 +143,20 @@ class StudyResult:
             "search_space": cfg.get("search_space"),
             "slo": self.slo,
             "reference": {k: v.get("metrics") for k, v in self.references.items()},
-            "best": None if best is None else {
-                "number": best.number,
-                "params": best.params,
-                "metrics": best.metrics,
-                "feasible": True,
+            "best": None if best is None else self._answer(best),
+            "confirmation": None if not self.confirm_workloads else {
+                "workloads": self.confirm_workloads,
+                "workload_seeds": list(self.confirm_seeds),
+                "candidates": CANDIDATES,
+                "recommended": None if self.recommended is None else self._answer(self.recommended),
+                "runs": {str(k): [c.to_dict() for c in v] for k, v in sorted(self.confirmations.items())},
             },
             "trials": [r.to_dict() for r in self.rows],
         }
+
+    def _answer(self, row: TrialRow) -> dict[str, Any]:
+        return {"number": row.number, "params": row.params, "metrics": row.metrics, "feasible": True,
+                "confirmed": self.confirmed(row)}
 
 
 def write_json(result: StudyResult, path: Path) -> None:
@@ -198,8 +233,30 @@ def summary_text(result: StudyResult) -> str:
     if best is None:
         lines.append("no setting meets the SLO; PEFT throughput counts as 0")
         return "\n".join(lines)
-    m = best.metrics
-    lines.append(f"best (trial {best.number}): {format_params(best.params)}")
+    lines += _setting_lines(result, best, "best")
+    n = result.confirm_workloads
+    if not n:
+        return "\n".join(lines)
+    tried = [r for r in result.ranked_feasible() if result.confirmations.get(r.number)]
+    lines.append(f"confirmation on {n} fresh workload{'s' if n > 1 else ''} (same SLO in ms):")
+    for r in tried:
+        runs = "; ".join(_confirmation_text(c) for c in result.confirmations[r.number])
+        verdict_text = {True: "confirmed", False: "missed", None: "unfinished"}[result.confirmed(r)]
+        lines.append(f"  trial {r.number}: {verdict_text} ({runs})")
+    rec = result.recommended
+    if rec is None:
+        where = "the fresh workload" if n == 1 else f"all {n} fresh workloads"
+        lines.append(f"no setting met the SLO on {where}; rerun with more --trials, or loosen the SLO")
+    elif rec.number != best.number:
+        lines += _setting_lines(result, rec, "recommended")
+    else:
+        lines.append(f"recommended: trial {rec.number}, as above")
+    return "\n".join(lines)
+
+
+def _setting_lines(result: StudyResult, row: TrialRow, title: str) -> list[str]:
+    m = row.metrics
+    lines = [f"{title} (trial {row.number}): {format_params(row.params)}"]
     detail = f"  PEFT {m.get('peft_samples_per_s', 0):.3f} samples/s ({m.get('peft_tokens_per_s', 0):.0f} tokens/s)"
     if "ttft_p99_ms" in m:
         detail += f"; P99 TTFT {m['ttft_p99_ms']:.1f} ms, P99 TPOT {m['tpot_p99_ms']:.2f} ms"
@@ -207,4 +264,12 @@ def summary_text(result: StudyResult) -> str:
     ceiling = result.references.get("trainer_alone", {}).get("metrics", {}).get("peft_samples_per_s")
     if ceiling:
         lines.append(f"  = {m.get('peft_samples_per_s', 0) / ceiling:.0%} of the trainer alone ({ceiling:.3f} samples/s)")
-    return "\n".join(lines)
+    return lines
+
+
+def _confirmation_text(c: Confirmation) -> str:
+    if c.error is not None:
+        return f"crashed: {c.error}"
+    m = c.metrics
+    return (f"P99 TTFT {m.get('ttft_p99_ms', float('nan')):.1f} ms, P99 TPOT {m.get('tpot_p99_ms', float('nan')):.2f} ms, "
+            f"{m.get('peft_samples_per_s', 0):.3f} samples/s, {c.outcome}")

@@ -22,6 +22,7 @@ from typing import Any
 import optuna
 
 from autotune.backends import Backend
+from autotune.confirm import Confirmation, confirm
 from autotune.errors import UserError
 from autotune.figures import FigurePreset, get_figure
 from autotune.knobs import SearchSpace
@@ -57,6 +58,7 @@ class StudyConfig:
     lora_rank: int = 8  # fig13: rank of the served adapters
     trial_seconds: float | None = None  # shorten the traffic window (s)
     warmup_s: float = 0.0  # trainer warm-up excluded from PEFT throughput
+    confirm_workloads: int = 0  # fresh workloads the best settings must also meet the SLO on (autotune.confirm)
     runs_dir: Path = DEFAULT_RUNS_DIR
 
 
@@ -92,6 +94,9 @@ class StudyObserver:
     def on_trial_start(self, ctx: StudyContext, number: int, params: Mapping[str, float]) -> None: ...
     def on_progress(self, fraction: float, status: str) -> None: ...
     def on_trial_end(self, ctx: StudyContext, trial: optuna.trial.FrozenTrial) -> None: ...
+    def on_confirm_start(self, ctx: StudyContext, number: int, params: Mapping[str, float], index: int,
+                         n: int) -> None: ...
+    def on_confirm_end(self, ctx: StudyContext, number: int, record: Confirmation) -> None: ...
     def on_end(self, ctx: StudyContext) -> None: ...
 
 
@@ -152,6 +157,10 @@ def _check_figure_options(config: StudyConfig, figure: FigurePreset) -> None:
         raise UserError(f"--rate must be a positive number of requests/s, got {config.rate_req_s:g}")
     if config.num_prompts is not None and config.num_prompts < 1:
         raise UserError(f"--num-prompts must be at least 1, got {config.num_prompts}")
+    if config.confirm_workloads < 0:
+        raise UserError(f"--confirm must be >= 0, got {config.confirm_workloads}")
+    if config.confirm_workloads and not figure.serves:
+        raise UserError(f"--confirm re-runs settings against the SLO; {figure.name} serves nothing and has none")
     if config.trial_seconds is not None and not config.trial_seconds > 0:
         raise UserError(f"--trial-seconds must be positive, got {config.trial_seconds:g}")
 
@@ -180,6 +189,11 @@ def _build_workload(config: StudyConfig, figure: FigurePreset, system: System, r
         if len(workload) == 0:
             raise UserError(f"--trial-seconds {config.trial_seconds:g} leaves no request of the workload")
     return workload
+
+
+def build_workload_for(ctx: StudyContext, seed: int) -> Workload | None:
+    """The study's workload (figure, rate, length, files) drawn with another seed."""
+    return _build_workload(replace(ctx.config, seed=seed), ctx.figure, ctx.system, ctx.rate_req_s)
 
 
 def _workload_digest(workload: Workload | None) -> str:
@@ -447,11 +461,14 @@ def _suggest(trial: optuna.Trial, knob) -> float:
 
 def run_study(config: StudyConfig, backend: Backend, n_trials: int,
               observer: StudyObserver | None = None) -> StudyContext:
-    """Create or resume the study, make the reference runs, run ``n_trials`` more trials."""
+    """Create or resume the study, make the reference runs, run ``n_trials``
+    more trials, then confirm the best on ``config.confirm_workloads`` fresh
+    workloads."""
     observer = observer or StudyObserver()
     ctx = prepare(config, backend)
     observer.on_start(ctx, n_trials)
     run_references(ctx, observer)
     run_trials(ctx, n_trials, observer)
+    confirm(ctx, config.confirm_workloads, observer)
     observer.on_end(ctx)
     return ctx

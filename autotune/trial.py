@@ -44,6 +44,7 @@ class TrialSpec:
     trainer_lora_rank: int = 8
     warmup_s: float = 0.0  # trainer iterations before this are not counted
     number: int | None = None  # the study's trial number, for logs
+    label: str | None = None  # names the trial's log folder where ``number`` does not (confirmation runs)
 
     @property
     def trains(self) -> bool:

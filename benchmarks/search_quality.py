@@ -17,13 +17,21 @@ trial's result depends on its knobs alone (checked at start: the trial seed
 ``config.seed + number`` does not change it). Sampler runs memoise repeated
 knob values (same result, less time).
 
-    python benchmarks/search_quality.py            # ~40 min on 2 cores; writes benchmarks/results/search_quality.{json,md}
+Held-out check: the optimum and every sampler run's final best setting are
+run again on fresh traffic (workload seeds 1..N, the same SLO in ms, which
+stays the seed-0 reference's), and the report says how many still meet the
+SLO. Where the knobs bind only inside the band of P99 that workload details
+move by themselves, a best setting found on one workload is partly luck; this
+check shows how much.
+
+    python benchmarks/search_quality.py --default-slo-rates 4 8 16   # ~1 h on 2 cores; writes benchmarks/results/search_quality.{json,md}
     python benchmarks/search_quality.py --rates 4 --seeds 2 --systems chunked --samplers tpe random --out-dir /tmp/x
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import math
@@ -35,7 +43,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +51,15 @@ import numpy as np
 import optuna
 
 from autotune.backends import Backend, ProgressFn, make_backend, no_progress
+from autotune.confirm import ATTR as CONFIRMATIONS_ATTR
+from autotune.confirm import confirm
 from autotune.results import StudyResult
 from autotune.samplers import make_sampler
 from autotune.slo import SloSpec, constraint_margins, feasible
-from autotune.study import StudyConfig, StudyObserver, prepare, run_references, run_trials, trial_spec
+from autotune.study import (StudyConfig, StudyObserver, _reference_spec, prepare, run_references, run_trials,
+                            trial_spec)
 from autotune.systems import get_system
-from autotune.trial import TrialResult, TrialSpec
+from autotune.trial import TrialKind, TrialResult, TrialSpec
 
 SYSTEMS = ("vllm-torchtune", "chunked", "fineinfer", "llmstation")
 SAMPLERS = ("gp", "tpe", "random")
@@ -115,7 +126,8 @@ class MemoBackend(Backend):
         return self.inner.cache_key()
 
     def run_trial(self, spec: TrialSpec, progress: ProgressFn = no_progress) -> TrialResult:
-        key = (spec.kind, tuple(sorted(spec.params.items())))
+        # The workload's seed, not the trial's: confirmation runs one setting on several workloads.
+        key = (spec.kind, tuple(sorted(spec.params.items())), spec.workload.seed if spec.workload else None)
         if key not in self.memo:
             self.runs += 1
             self.memo[key] = self.inner.run_trial(spec, progress)
@@ -174,6 +186,43 @@ def sampler_task(task: dict[str, Any]) -> dict[str, Any]:
             "trace": trace, "simulated_trials": backend.runs, "wall_s": wall_s, "slo": ctx.slo.to_dict()}
 
 
+def confirm_task(task: dict[str, Any]) -> dict[str, Any]:
+    """``--confirm N`` on a finished sampler run: reopen its study (the same
+    journal file) and run the product's confirmation step on it."""
+    scenario, work = _scenario(task), Path(task["work"])
+    backend = MemoBackend(make_backend("sim"))
+    ctx = prepare(_config(task["system"], task["rate"], scenario, work, task["run_id"]), backend)
+    run_references(ctx, StudyObserver())
+    ctx.study.set_user_attr(CONFIRMATIONS_ATTR, {})  # start from none: a rerun measures a fresh confirmation
+    confirm(ctx, task["confirm_workloads"], StudyObserver())
+    result = StudyResult.of(ctx.study)
+    rec = result.recommended
+    return {**_key(task), "kind": "confirm", "id": task["id"], "run_id": task["run_id"], "sampler": task["sampler"],
+            "seed": task["seed"], "confirm_workloads": task["confirm_workloads"], "confirmation_runs": backend.runs,
+            "recommended": None if rec is None else {"params": rec.params, "peft_samples_per_s": rec.peft_samples_per_s}}
+
+
+def heldout_task(task: dict[str, Any]) -> dict[str, Any]:
+    """Run settings on fresh workloads (seeds other than 0) against the SLO in
+    ms that the seed-0 reference gave; and serving alone on each, to show
+    whether the SLO leaves any room on that workload at all."""
+    scenario, work = _scenario(task), Path(task["work"])
+    backend = make_backend("sim")
+    ctx0 = prepare(_config(task["system"], task["rate"], scenario, work, task["id"]), backend)
+    run_references(ctx0, StudyObserver())  # cached: only the SLO is needed
+    points = []
+    for wseed in task["workload_seeds"]:
+        config = replace(_config(task["system"], task["rate"], scenario, work, f"{task['id']}-w{wseed}"), seed=wseed)
+        ctx = prepare(config, backend)
+        alone = backend.run_trial(_reference_spec(ctx, TrialKind.SERVING_ALONE))
+        points.append({**_point({}, alone, constraint_margins(alone, ctx0.slo)), "workload_seed": wseed,
+                       "serving_alone": True})
+        for params in task["points"]:
+            result = backend.run_trial(trial_spec(ctx, params, 0))
+            points.append({**_point(params, result, constraint_margins(result, ctx0.slo)), "workload_seed": wseed})
+    return {**_key(task), "kind": "heldout", "id": task["id"], "points": points}
+
+
 def _scenario(task: Mapping[str, Any]) -> Scenario:
     sc = task["scenario"]
     return Scenario(sc["name"], SloSpec(**sc["slo"]), tuple(sc["rates_req_s"]))
@@ -186,7 +235,8 @@ def _key(task: Mapping[str, Any]) -> dict[str, Any]:
 def run_task(task: dict[str, Any]) -> dict[str, Any]:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     t0 = time.perf_counter()
-    out = grid_task(task) if task["kind"] == "grid" else sampler_task(task)
+    kinds = {"grid": grid_task, "sampler": sampler_task, "confirm": confirm_task, "heldout": heldout_task}
+    out = kinds[task["kind"]](task)
     out["task_wall_s"] = time.perf_counter() - t0
     return out
 
@@ -254,11 +304,14 @@ def best_feasible(points: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | No
 
 def summarise(results: Sequence[Mapping[str, Any]], samplers: Sequence[str], n_trials: int) -> list[dict[str, Any]]:
     cells: dict[tuple, dict[str, list]] = {}
+    confirms = {r["run_id"]: r for r in results if r["kind"] == "confirm"}
     for r in results:
+        if r["kind"] not in ("grid", "sampler"):
+            continue
         cell = cells.setdefault((r["scenario"], r["system"], r["rate"]), {"grid": [], "runs": [], "slo": r["slo"]})
         if r["kind"] == "grid":
             cell["grid"] += r["points"]
-        else:
+        elif r["kind"] == "sampler":
             cell["runs"].append(r)
     out = []
     for (scenario, system, rate), cell in cells.items():
@@ -273,17 +326,21 @@ def summarise(results: Sequence[Mapping[str, Any]], samplers: Sequence[str], n_t
             "grid_best": grid_best, "sampler_best": run_best,
             "grid_optimum_samples_per_s": grid_opt, "sampler_best_samples_per_s": run_opt,
             "optimum_samples_per_s": optimum, "samplers": {},
+            "optimum_params": (None if optimum <= 0 else
+                               dict((grid_best if grid_opt >= run_opt else run_best)["params"])),
         }
         for sampler in samplers:
             runs = sorted((r for r in cell["runs"] if r["sampler"] == sampler), key=lambda r: r["seed"])
             if not runs:
                 continue
-            finals, reach = [], []
+            finals, reach, bests = [], [], []
             for run in runs:
                 b = best_feasible(run["trace"][:n_trials])
+                bests.append(dict(b["params"]) if b else None)
                 final = b["peft_samples_per_s"] if b else 0.0
                 finals.append(final / optimum if optimum > 0 else None)
                 reach.append(trials_to_reach(run["trace"][:n_trials], REACH * optimum))
+            recs = [confirms.get(run["id"]) for run in runs]
             fr = [f for f in finals if f is not None]
             reach_num = [math.inf if x is None else x for x in reach]
             med_reach = statistics.median(reach_num)
@@ -296,6 +353,14 @@ def summarise(results: Sequence[Mapping[str, Any]], samplers: Sequence[str], n_t
                 "trials_to_095": reach,  # None: not reached within the budget
                 "trials_to_095_median": None if math.isinf(med_reach) else med_reach,
                 "reached_095": sum(x is not None for x in reach),
+                "best_params": bests,  # per run; None: nothing feasible
+                # --confirm: per run, the recommended setting (None: none held, or not run)
+                "confirm_workloads": next((c["confirm_workloads"] for c in recs if c), None),
+                "recommended_params": [c["recommended"]["params"] if c and c["recommended"] else None for c in recs],
+                "recommended_fraction": [
+                    None if c is None or optimum <= 0 else
+                    (c["recommended"]["peft_samples_per_s"] / optimum if c["recommended"] else 0.0) for c in recs],
+                "confirmation_runs": [c["confirmation_runs"] if c else None for c in recs],
                 "simulated_trials": [r["simulated_trials"] for r in runs],
                 "study_wall_s": [round(r["wall_s"], 2) for r in runs],
             }
@@ -327,6 +392,76 @@ def overall(rows: Sequence[Mapping[str, Any]], samplers: Sequence[str], scenario
     return out
 
 
+def confirm_tasks(tasks: Sequence[Mapping[str, Any]], n: int) -> list[dict[str, Any]]:
+    """One per sampler run: its study, confirmed on ``n`` fresh workloads."""
+    if n < 1:
+        return []
+    return [{**{k: t[k] for k in ("scenario", "system", "rate", "work", "sampler", "seed")}, "kind": "confirm",
+             "id": f"{t['id']}-confirm{n}-v2", "run_id": t["id"], "confirm_workloads": n, "cost": 6 * t["rate"]}
+            for t in tasks if t["kind"] == "sampler"]
+
+
+def heldout_tasks(cells: Sequence[Mapping[str, Any]], scenarios: Sequence[Scenario], n_seeds: int,
+                  work: Path) -> list[dict[str, Any]]:
+    """Per cell with an optimum: the optimum and every run's best, on fresh workloads."""
+    by_name = {sc.name: sc for sc in scenarios}
+    tasks = []
+    for cell in cells:
+        if cell["optimum_params"] is None or n_seeds < 1:
+            continue
+        points = [cell["optimum_params"]]
+        for d in cell["samplers"].values():
+            points += [p for p in d["best_params"] + d["recommended_params"] if p is not None]
+        unique = list({json.dumps(p, sort_keys=True): p for p in points}.values())
+        sc = by_name[cell["scenario"]]
+        digest = hashlib.sha1(json.dumps([unique, n_seeds, "alone"], sort_keys=True).encode()).hexdigest()[:10]
+        tasks.append({"kind": "heldout", "scenario": {"name": sc.name, "slo": vars(sc.slo), "rates_req_s": list(sc.rates_req_s)},
+                      "system": cell["system"], "rate": cell["rate_req_s"], "work": str(work),
+                      "id": f"{sc.name}-{cell['system']}-{cell['rate_req_s']:g}-heldout-{digest}",
+                      "points": unique, "workload_seeds": list(range(1, n_seeds + 1)),
+                      "cost": len(unique) * n_seeds * cell["rate_req_s"]})
+    return sorted(tasks, key=lambda t: -t["cost"])
+
+
+def attach_heldout(cells: Sequence[dict[str, Any]], results: Sequence[Mapping[str, Any]], n_seeds: int) -> None:
+    """For each cell: on how many fresh workloads the optimum, and each run's
+    best, still meet the SLO."""
+    wanted = set(range(1, n_seeds + 1))
+    for cell in cells:
+        ok: dict[str, set[int]] = {}
+        seen: dict[str, set[int]] = {}
+        alone: dict[int, Mapping[str, Any]] = {}
+        for r in results:
+            if r["kind"] != "heldout" or (r["scenario"], r["system"], r["rate"]) != (
+                    cell["scenario"], cell["system"], cell["rate_req_s"]):
+                continue
+            for p in r["points"]:
+                if p["workload_seed"] not in wanted:
+                    continue
+                if p.get("serving_alone"):
+                    alone[p["workload_seed"]] = p
+                    continue
+                key = json.dumps(p["params"], sort_keys=True)
+                seen.setdefault(key, set()).add(p["workload_seed"])
+                if p["feasible"]:
+                    ok.setdefault(key, set()).add(p["workload_seed"])
+
+        def count(params: Mapping[str, float] | None) -> int | None:
+            if params is None:
+                return None
+            key = json.dumps(params, sort_keys=True)
+            return len(ok.get(key, ())) if seen.get(key) == wanted else None
+
+        cell["heldout_seeds"] = n_seeds
+        cell["heldout_serving_alone"] = [
+            {"workload_seed": k, "ttft_p99_ms": v["ttft_p99_ms"], "tpot_p99_ms": v["tpot_p99_ms"],
+             "meets_slo": v["feasible"]} for k, v in sorted(alone.items())]
+        cell["optimum_heldout_feasible"] = count(cell["optimum_params"])
+        for d in cell["samplers"].values():
+            d["heldout_feasible"] = [count(p) for p in d["best_params"]]
+            d["recommended_heldout_feasible"] = [count(p) for p in d["recommended_params"]]
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -345,7 +480,9 @@ def markdown(report: Mapping[str, Any]) -> str:
         f"Command: `{report['command']}`",
         "",
         f"Machine: {mach['nproc']} CPUs ({mach['cpu_model']}), Python {mach['python']}, Optuna {mach['optuna']}, "
-        f"{mach['platform']}; {report['workers']} worker processes; total wall {report['wall_s'] / 60:.1f} min.",
+        f"{mach['platform']}; {report['workers']} worker processes; wall of this invocation "
+        f"{report['wall_s'] / 60:.1f} min; time of all {len(report['raw'])} tasks summed (each is one process's "
+        f"wall time, whichever invocation of the same work dir ran it): {report['task_wall_s_sum'] / 60:.1f} min.",
         "",
         f"Set-up: fig8a (synthetic ShareGPT-like prompts, Poisson arrivals, workload seed 0), "
         f"{PROMPT_SECONDS} x rate prompts per trial ({PROMPT_SECONDS} s of traffic), llama-3.1-8b on the H100 80GB "
@@ -398,8 +535,55 @@ def markdown(report: Mapping[str, Any]) -> str:
                          f"{o['mean_of_cell_medians']:.3f} | {o['mean_over_all_runs']:.3f} | {o['worst_run']:.3f} | "
                          f"{o['runs_reaching_095']}/{o['runs']} | {f'>{n}' if t is None else f'{t:g}'} |")
         lines.append("")
+        n_held = report["heldout_workload_seeds"]
+        if n_held:
+            lines += _heldout_lines(rows, samplers, len(n_held), report["confirm_workloads"])
     lines += ["(trials to 0.95: median over seeds, and in brackets how many seeds reached it within the budget.)", ""]
     return "\n".join(lines) + "\n"
+
+
+def _heldout_lines(rows: Sequence[Mapping[str, Any]], samplers: Sequence[str], n_held: int,
+                   n_confirm: int) -> list[str]:
+    lines = [f"Held-out check: settings run again on {n_held} fresh workloads (seeds 1..{n_held}), same SLO "
+             f"in ms. *optimum*: on how many of them it still meets the SLO. Per sampler, *best holds*: runs "
+             f"whose best feasible setting meets it on all {n_held} (of the runs that found one)."]
+    if n_confirm:
+        lines[0] += (f" *--confirm {n_confirm}*: the same runs after autotune's confirmation step (the best "
+                     f"settings re-run on {n_confirm} other fresh workloads, seeds {1_000_001}..{1_000_000 + n_confirm}; "
+                     f"the recommendation is the best that meets the SLO on all): runs whose recommendation meets "
+                     f"it on all {n_held} held-out workloads (in brackets: runs with no recommendation), and the "
+                     f"recommendation's median fraction of the optimum (0 where none).")
+    lines[0] += (" *serving alone*: the server with no trainer at all on the same fresh workloads: on how many "
+                 "it meets the SLO, and its P99 TPOT range.")
+    head, sep = "| system | rate | serving alone | optimum |", "|---|---:|---|---:|"
+    for s in samplers:
+        head += f" {s}: best holds |"
+        sep += "---:|"
+        if n_confirm:
+            head += f" {s}: --confirm {n_confirm} holds | {s}: --confirm {n_confirm} fraction |"
+            sep += "---:|---:|"
+    lines += ["", head, sep]
+    for r in rows:
+        if r.get("optimum_heldout_feasible") is None:
+            continue
+        alone = r.get("heldout_serving_alone", [])
+        tpots = [a["tpot_p99_ms"] for a in alone]
+        alone_s = (f"{sum(a['meets_slo'] for a in alone)}/{len(alone)}, {min(tpots):.2f}..{max(tpots):.2f} ms"
+                   if alone else "n/a")
+        line = f"| {r['system']} | {r['rate_req_s']:g} | {alone_s} | {r['optimum_heldout_feasible']}/{n_held} |"
+        for s in samplers:
+            d = r["samplers"].get(s, {})
+            counts = [c for c in d.get("heldout_feasible", []) if c is not None]
+            line += f" {sum(c == n_held for c in counts)}/{len(counts)} |" if counts else " n/a |"
+            if n_confirm:
+                fr = [f for f in d.get("recommended_fraction", []) if f is not None]
+                rc = d.get("recommended_heldout_feasible", [])
+                none = sum(p is None for p, f in zip(d.get("recommended_params", []), d.get("recommended_fraction", []))
+                           if f is not None)
+                holds = sum(c == n_held for c in rc if c is not None)
+                line += (f" {holds}/{len(fr)} ({none}) | {statistics.median(fr):.3f} |" if fr else " n/a | n/a |")
+        lines.append(line)
+    return lines + [""]
 
 
 def machine() -> dict[str, Any]:
@@ -427,6 +611,30 @@ def command_line() -> str:
 # ---------------------------------------------------------------- main
 
 
+def run_pool(tasks: Sequence[dict[str, Any]], finished: Sequence[Mapping[str, Any]], done_path: Path, workers: int,
+             say) -> list[dict[str, Any]]:
+    """Run the tasks not already in ``finished``; each result is appended to
+    ``done_path`` as it arrives. Returns the new results."""
+    have = {r["id"] for r in finished}
+    todo = [t for t in tasks if t["id"] not in have]
+    if not todo:
+        return []
+    total_cost, cost_done, new = sum(t["cost"] for t in todo), 0.0, []
+    costs = {t["id"]: t["cost"] for t in todo}
+    t_pool = time.perf_counter()
+    with multiprocessing.get_context("spawn").Pool(workers) as pool, open(done_path, "a") as done:
+        for i, r in enumerate(pool.imap_unordered(run_task, todo), start=1):
+            done.write(json.dumps(r) + "\n")
+            done.flush()
+            new.append(r)
+            cost_done += costs[r["id"]]
+            elapsed = time.perf_counter() - t_pool
+            eta = elapsed * (total_cost / cost_done - 1)
+            say(f"[{i}/{len(todo)}] {r['id']} {r['task_wall_s']:.1f} s; elapsed {elapsed / 60:.1f} min, "
+                f"eta ~{eta / 60:.1f} min")
+    return new
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
@@ -436,8 +644,12 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=40)
     p.add_argument("--ttft-ratio", type=float, default=1.25, help="P99 TTFT SLO, x serving alone")
     p.add_argument("--tpot-ratio", type=float, default=1.1, help="P99 TPOT SLO, x serving alone")
-    p.add_argument("--default-slo-rate", type=float, default=None,
-                   help="also run the default SLO (2x TTFT, 1.5x TPOT) at this rate")
+    p.add_argument("--default-slo-rates", nargs="*", type=float, default=[],
+                   help="also run the default SLO (2x TTFT, 1.5x TPOT) at these rates, req/s")
+    p.add_argument("--confirm", type=int, default=2,
+                   help="also run autotune's --confirm N on every sampler run (0: no)")
+    p.add_argument("--heldout-seeds", type=int, default=4,
+                   help="fresh workloads (seeds 1..N) to re-run the optimum and each run's best on")
     p.add_argument("--llmstation-grid", choices=sorted(LLMSTATION_GRIDS), default="coarse")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--chunk", type=int, default=60, help="grid points per task")
@@ -453,8 +665,8 @@ def main() -> None:
 
     scenarios = [Scenario(f"tight SLO ({args.ttft_ratio:g}x TTFT, {args.tpot_ratio:g}x TPOT)",
                           SloSpec(ttft_ratio=args.ttft_ratio, tpot_ratio=args.tpot_ratio), tuple(args.rates))]
-    if args.default_slo_rate is not None:
-        scenarios.append(Scenario("default SLO (2x TTFT, 1.5x TPOT)", SloSpec(), (args.default_slo_rate,)))
+    if args.default_slo_rates:
+        scenarios.append(Scenario("default SLO (2x TTFT, 1.5x TPOT)", SloSpec(), tuple(args.default_slo_rates)))
     # One BLAS/torch thread per worker: the workers already fill the cores (GP uses torch).
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="search-quality-"))
@@ -472,23 +684,20 @@ def main() -> None:
 
     done_path = work / "done.jsonl"  # checkpoint: a rerun with the same --work-dir skips finished tasks
     results = [json.loads(l) for l in done_path.read_text().splitlines()] if done_path.exists() else []
-    finished = {r["id"] for r in results}
-    todo = [t for t in tasks if t["id"] not in finished]
-    total_cost, cost_done = sum(t["cost"] for t in todo), 0.0
-    t_pool = time.perf_counter()
-    with multiprocessing.get_context("spawn").Pool(args.workers) as pool, open(done_path, "a") as done:
-        costs = {t["id"]: t["cost"] for t in todo}
-        for i, r in enumerate(pool.imap_unordered(run_task, todo), start=1):
-            done.write(json.dumps(r) + "\n")
-            done.flush()
-            results.append(r)
-            cost_done += costs[r["id"]]
-            elapsed = time.perf_counter() - t_pool
-            eta = elapsed * (total_cost / cost_done - 1)
-            say(f"[{i}/{len(todo)}] {r['id']} {r['task_wall_s']:.1f} s; elapsed {elapsed / 60:.1f} min, "
-                f"eta ~{eta / 60:.1f} min")
-
+    results += run_pool(tasks, results, done_path, args.workers, say)
+    confirming = confirm_tasks(tasks, args.confirm)
+    say(f"confirmation (--confirm {args.confirm}) of each sampler run: {len(confirming)} tasks")
+    results += run_pool(confirming, results, done_path, args.workers, say)
+    planned = {t["id"] for t in tasks + confirming}
+    results = [r for r in results if r["id"] in planned or r["kind"] == "heldout"]  # not other runs' tasks
     cells = summarise(results, args.samplers, args.trials)
+    held = heldout_tasks(cells, scenarios, args.heldout_seeds, work)
+    say(f"held-out check: {len(held)} tasks")
+    results += run_pool(held, results, done_path, args.workers, say)
+    planned |= {t["id"] for t in held}
+    results = [r for r in results if r["id"] in planned]
+    cells = summarise(results, args.samplers, args.trials)
+    attach_heldout(cells, results, args.heldout_seeds)
     tasklets, waits = LLMSTATION_GRIDS[args.llmstation_grid]
     report = {
         "benchmark": "search_quality",
@@ -510,6 +719,9 @@ def main() -> None:
         "llmstation_grid_desc": (f"forward and backward tasklets in {{{', '.join(map(str, tasklets))}}} x waits in "
                                  f"{{{', '.join(f'{w:g}' for w in waits)}}} s ({len(tasklets) ** 2 * len(waits) ** 2} points)"),
         "fineinfer_grid_points": FINEINFER_GRID_POINTS,
+        "task_wall_s_sum": sum(r.get("task_wall_s", 0.0) for r in results),
+        "heldout_workload_seeds": list(range(1, args.heldout_seeds + 1)),
+        "confirm_workloads": args.confirm,
         "scenarios": [{"name": s.name, "slo": vars(s.slo), "rates_req_s": list(s.rates_req_s)} for s in scenarios],
         "cells": cells,
         "overall": {s.name: overall(cells, args.samplers, s.name) for s in scenarios},

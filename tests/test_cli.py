@@ -139,6 +139,28 @@ def test_the_same_command_resumes_the_study(runs, tmp_path):
     assert doc["trials"][3]["params"] != LLMSTATION_DEFAULTS  # the example is enqueued once only
 
 
+def test_confirm_reruns_the_best_on_fresh_workloads(runs, tmp_path):
+    out = tmp_path / "confirmed.json"
+    result = ok(invoke(*BASE_ARGS, "--trials", 1, "--confirm", 2, "--runs-dir", runs, "--json", out))
+    doc = json.loads(out.read_text())
+    conf = doc["confirmation"]
+    assert conf["workloads"] == 2 and len(doc["trials"]) == 4  # confirmation adds no trials
+    best = doc["best"]
+    if best is None:
+        assert conf["runs"] == {} and conf["recommended"] is None
+        return
+    first = conf["runs"][str(best["number"])]  # the best is always tried first
+    assert [r["workload_seed"] for r in first] == [1_000_001, 1_000_002][:len(first)]
+    assert all(set(r["constraints"]) == {"ttft_p99", "tpot_p99"} for rs in conf["runs"].values() for r in rs)
+    lines = result.output.splitlines()
+    assert any(line.startswith(f"confirm #{best['number']} on workload seed 1000001: P99 TTFT") for line in lines)
+    assert "confirmation on 2 fresh workloads (same SLO in ms):" in lines
+    rec = conf["recommended"]
+    if rec is not None:
+        assert rec["confirmed"] is True
+        assert all(r["outcome"] == "feasible" for r in conf["runs"][str(rec["number"])])
+
+
 @pytest.mark.parametrize("system", [s for s in SYSTEMS if s != "llmstation"])
 def test_each_system_on_fig8a(tmp_path, system):
     out = tmp_path / "out.json"
@@ -373,6 +395,9 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list, list[str]]]:
         "other settings": (["llmstation", "--figure", "fig8a", "--trials", 1, "--num-prompts", 30,
                             "--study-name", BASE_STUDY], [f"study '{BASE_STUDY}' exists with other settings"]),
         "other slo": ([*BASE_ARGS, "--slo-tpot-ms", 50], [f"study '{BASE_STUDY}' was run with other SLOs"]),
+        "negative confirm": (["llmstation", "--confirm", -1], ["--confirm"]),
+        "confirm without serving": (["llmstation", "--figure", "fig12", "--confirm", 2],
+                                    ["--confirm", "fig12 serves nothing"]),
     }
 
 
@@ -381,7 +406,7 @@ BAD_INPUT_NAMES = [
     "low above high", "mps above 100", "negative wait", "missing search space", "missing sharegpt",
     "malformed sharegpt", "missing burstgpt", "malformed burstgpt", "storage url", "trials 0", "negative rate",
     "zero prompts", "lora-dist on fig8a", "lora rank", "negative slo", "unknown model", "other settings",
-    "other slo",
+    "other slo", "negative confirm", "confirm without serving",
 ]
 
 

@@ -10,8 +10,9 @@ import pytest
 from rich.console import Console
 
 from autotune.backends import make_backend
-from autotune.live import MAX_ROWS, LiveReporter, PlainReporter, header_text, trial_table
-from autotune.results import TrialRow
+from autotune.confirm import Confirmation
+from autotune.live import MAX_ROWS, LiveReporter, PlainReporter, confirmation_text, header_text, trial_table
+from autotune.results import StudyResult, TrialRow
 from autotune.slo import SloSpec
 from autotune.study import StudyConfig, prepare, run_study
 
@@ -189,3 +190,30 @@ def test_live_reporter_on_a_terminal(tmp_path):
     text = out.getvalue()
     assert "best feasible:" in text and "P99 TTFT ms" in text
     assert len(ctx.study.trials) == 2
+
+
+def test_confirmation_lines_are_coloured_by_outcome():
+    records = [(4, Confirmation(1_000_001, "feasible", {"ttft_p99_ms": 50.0, "tpot_p99_ms": 8.0,
+                                                        "peft_samples_per_s": 1.5})),
+               (4, Confirmation(1_000_002, "infeasible", {"ttft_p99_ms": 70.0, "tpot_p99_ms": 8.1,
+                                                          "peft_samples_per_s": 1.5})),
+               (2, Confirmation(1_000_001, "crashed", error="vLLM server died"))]
+    segs = _segments(confirmation_text(records))
+    text = " ".join(t for t, _ in segs)
+    assert "confirm #4 on workload seed 1000001: P99 TTFT 50.0 ms, P99 TPOT 8.00 ms, 1.500 samples/s" in text
+    styles = {t: str(s) for t, s in segs}
+    assert styles["feasible"] == "green" and styles["infeasible"] == "red"
+    assert styles["crashed: vLLM server died"] == "red"
+
+
+def test_live_reporter_shows_confirmations(tmp_path):
+    out = io.StringIO()
+    reporter = LiveReporter(Console(file=out, force_terminal=True, width=200))
+    with make_backend("sim") as backend:
+        # SLOs no setting can miss: the best is confirmed on the first try
+        config = _config(tmp_path, sampler="random", confirm_workloads=1,
+                         slo=SloSpec(ttft_p99_ms=10_000.0, tpot_p99_ms=1_000.0))
+        ctx = run_study(config, backend, 3, reporter)
+    best = StudyResult.of(ctx.study).best.number
+    assert [(n, c.workload_seed, c.outcome) for n, c in reporter.confirmed] == [(best, 1_000_001, "feasible")]
+    assert f"confirm #{best} on workload seed 1000001" in out.getvalue()

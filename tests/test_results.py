@@ -131,7 +131,8 @@ def test_to_dict_and_write_json(study, tmp_path):
     assert doc["reference"] == {"trainer_alone": {"peft_samples_per_s": 3.0}}
     assert doc["best"] == {"number": 0, "params": {"mps_active_thread_pct": 60},
                            "metrics": {"peft_samples_per_s": 1.8, "ttft_p99_ms": 59.0, "tpot_p99_ms": 8.0},
-                           "feasible": True}
+                           "feasible": True, "confirmed": None}
+    assert doc["confirmation"] is None  # never asked for
     assert [t["number"] for t in doc["trials"]] == [0, 1, 2, 3, 4]
     assert doc["trials"][2]["error"] == "trainer out of memory"
     assert not list(tmp_path.glob(".*.tmp"))

@@ -330,7 +330,7 @@ class GpuBackend(Backend):
     def run_trial(self, spec: TrialSpec, progress: ProgressFn = no_progress) -> TrialResult:
         t0 = time.monotonic()
         self._trials += 1
-        label = f"trial-{spec.number}" if spec.number is not None else f"{spec.kind.value}-{self._trials}"
+        label = spec.label or (f"trial-{spec.number}" if spec.number is not None else f"{spec.kind.value}-{self._trials}")
         trial_dir = self.root / label
         trial_dir.mkdir(parents=True, exist_ok=True)
         notes = () if self.use_mps or not spec.policy.mps else ("MPS off (--no-mps)",)
