@@ -7,8 +7,8 @@ feasible trial is partly luck: on the simulator, under 1.25x/1.1x SLOs, the
 optimum of a dense grid met the SLO on only some of four fresh workloads
 (``benchmarks/results/search_quality.md``, held-out check).
 
-``confirm`` re-runs the best feasible settings, in order of PEFT throughput,
-on ``n`` fresh workloads (the study's figure, rate and length with other
+``confirm`` re-runs the best feasible settings (distinct knob values, in
+order of PEFT throughput) on ``n`` fresh workloads (the study's figure, rate and length with other
 seeds; the SLO stays the same in ms). A setting is confirmed when it meets
 the SLO on all of them; the first confirmed one is the recommendation, and no
 lower setting is run. A setting that misses on one workload is not run on
@@ -95,14 +95,17 @@ def confirm(ctx, n: int, observer) -> None:
     seeds = workload_seeds(ctx.config.seed, n)
     study.set_user_attr(ATTR_SEEDS, seeds)
     stored = load(study.user_attrs)
-    rows = StudyResult.of(study).ranked_feasible()[:CANDIDATES]
+    result = StudyResult.of(study)
     workloads: dict[int, Any] = {}
-    for row in rows:
+    for row in distinct_settings(result.ranked_feasible())[:CANDIDATES]:
         records = stored.setdefault(row.number, [])
+        # Trials that repeat this setting share its confirmations.
+        same = [c for r in result.rows if r.params == row.params and r.number != row.number
+                for c in stored.get(r.number, [])]
         for seed in seeds:
-            if verdict(records, seeds) is not None:
+            if verdict(same + records, seeds) is not None:
                 break
-            if any(c.workload_seed == seed for c in records):
+            if any(c.workload_seed == seed for c in same + records):
                 continue
             if seed not in workloads:
                 workloads[seed] = build_workload_for(ctx, seed)
@@ -117,5 +120,16 @@ def confirm(ctx, n: int, observer) -> None:
             records.append(record)
             study.set_user_attr(ATTR, {str(k): [c.to_dict() for c in v] for k, v in stored.items() if v})
             observer.on_confirm_end(ctx, row.number, record)
-        if verdict(records, seeds):
+        if verdict(same + records, seeds):
             return  # lower settings cannot beat a confirmed one
+
+
+def distinct_settings(rows):
+    """The first row of each distinct setting (knob values), order kept."""
+    seen: list = []
+    out = []
+    for r in rows:
+        if r.params not in seen:
+            seen.append(r.params)
+            out.append(r)
+    return out

@@ -102,7 +102,8 @@ class StudyResult:
         for (None: not confirmed, or confirmation never asked)."""
         if not self.confirm_workloads:
             return None
-        return verdict(self.confirmations.get(row.number, []), self.confirm_seeds)
+        same = [c for r in self.rows if r.params == row.params for c in self.confirmations.get(r.number, [])]
+        return verdict(same, self.confirm_seeds)
 
     @property
     def recommended(self) -> TrialRow | None:

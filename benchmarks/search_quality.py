@@ -397,7 +397,7 @@ def confirm_tasks(tasks: Sequence[Mapping[str, Any]], n: int) -> list[dict[str, 
     if n < 1:
         return []
     return [{**{k: t[k] for k in ("scenario", "system", "rate", "work", "sampler", "seed")}, "kind": "confirm",
-             "id": f"{t['id']}-confirm{n}-v2", "run_id": t["id"], "confirm_workloads": n, "cost": 6 * t["rate"]}
+             "id": f"{t['id']}-confirm{n}-v3", "run_id": t["id"], "confirm_workloads": n, "cost": 6 * t["rate"]}
             for t in tasks if t["kind"] == "sampler"]
 
 

@@ -102,6 +102,18 @@ def test_resumed_study_reruns_nothing_and_more_workloads_run_only_what_is_missin
     assert _pct(StudyResult.of(ctx.study).recommended) == 55
 
 
+def test_a_setting_tried_twice_is_confirmed_once(tmp_path):
+    space = tmp_path / "two.toml"
+    space.write_text("[mps_active_thread_pct]\nlow = 55\nhigh = 60\nstep = 5\n")
+    backend = FreshTrafficBackend()
+    ctx = run_study(_config(tmp_path, sampler="random", search_space_path=space), backend, n_trials=6)
+    result = StudyResult.of(ctx.study)
+    assert len({_pct(r) for r in result.rows}) == 2  # 6 trials over 2 settings: repeats
+    assert backend.confirmations() == [(60, SEED_OFFSET + 1), (55, SEED_OFFSET + 1), (55, SEED_OFFSET + 2)]
+    assert all(result.confirmed(r) is (_pct(r) == 55) for r in result.rows if r.feasible)
+    assert _pct(result.recommended) == 55
+
+
 def test_crashed_confirmations_count_as_misses(tmp_path):
     backend = FreshTrafficBackend(crash_confirmations=True)
     ctx = run_study(_config(tmp_path), backend, n_trials=19)
