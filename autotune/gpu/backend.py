@@ -344,6 +344,8 @@ class GpuBackend(Backend):
         from autotune.gpu.channel import Channel
         from autotune.gpu.server import Decision
 
+        phases: dict[str, float] = {}  # where a trial's wall time goes, s (reported as metrics)
+        t_phase = time.monotonic()
         self._set_mps(spec.policy.mps)
         server = None
         if spec.serves:
@@ -352,12 +354,15 @@ class GpuBackend(Backend):
             if self.keeper.last_decision is not Decision.KEEP:
                 progress(0.0, "warming up the vLLM server")
                 _warm_up(server, spec)
+        phases["phase_server_s"] = time.monotonic() - t_phase  # check, (re)start, warm-up
         channel = Channel.create() if spec.serves and spec.trains else None
         trainer = None
         try:
             if spec.trains:
                 progress(0.0, "starting the trainer")
+                t_phase = time.monotonic()
                 trainer = self._start_trainer(spec, trial_dir, channel.name if channel else None)
+                phases["phase_trainer_start_s"] = time.monotonic() - t_phase
             if server is not None:
                 from autotune.gpu.loadgen import replay_sync
 
@@ -369,6 +374,9 @@ class GpuBackend(Backend):
                     prompt_as_text=server.config.has_tokenizer,
                 )
                 start_s, end_s = replayed.window_start_s, replayed.window_end_s
+                phases["phase_replay_s"] = end_s - start_s
+                # after the last arrival, until the last request finished
+                phases["phase_drain_s"] = end_s - (start_s + spec.workload.requests[-1].arrival_s)
                 if not server.is_alive():
                     raise TrialCrash(f"vLLM server died during the trial (log: {server.log_path})")
             else:
@@ -380,7 +388,9 @@ class GpuBackend(Backend):
                 end_s = time.time()
             if trainer is not None:
                 _check_ranks(trainer, trial_dir)
+                t_phase = time.monotonic()
                 self._stop_trainer(trainer, channel, trial_dir)
+                phases["phase_trainer_stop_s"] = time.monotonic() - t_phase
                 trainer = None
         finally:
             if trainer is not None:  # a crash or Ctrl-C: the other ranks may wait in a collective
@@ -399,7 +409,7 @@ class GpuBackend(Backend):
 
             peft = peft_metrics(read_iteration_log(trial_dir / "iterations.jsonl"), start_s, end_s)
         extra = {"server_startup_s": server.startup_s} if server is not None and server.startup_s else {}
-        return TrialResult(serving=serving, peft=peft, extra=extra)
+        return TrialResult(serving=serving, peft=peft, extra={**extra, **phases})
 
     def close(self) -> None:
         self.keeper.stop()
