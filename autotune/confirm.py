@@ -8,11 +8,11 @@ optimum of a dense grid met the SLO on only some of four fresh workloads
 (``benchmarks/results/search_quality.md``, held-out check).
 
 ``confirm`` re-runs the best feasible settings (distinct knob values, in
-order of PEFT throughput) on ``n`` fresh workloads (the study's figure, rate and length with other
-seeds; the SLO stays the same in ms). A setting is confirmed when it meets
-the SLO on all of them; the first confirmed one is the recommendation, and no
-lower setting is run. A setting that misses on one workload is not run on
-the rest. Results are stored on the study (user attr ``confirmations``) as
+order of PEFT throughput) on ``n`` fresh workloads: the study's figure, rate
+and length drawn with other seeds; the SLO stays the same in ms. A setting is
+confirmed when it meets the SLO on all of them; the first confirmed one is the
+recommendation, and no lower setting is run. A setting that misses on one
+workload is not run on the rest. Results are stored on the study (user attr ``confirmations``) as
 they arrive, so a resumed study re-runs nothing, and the study alone still
 rebuilds every table.
 """
@@ -21,12 +21,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from autotune.slo import constraint_margins, feasible
+from autotune.slo import ResolvedSlo, constraint_margins, feasible
 from autotune.trial import TrialKind, TrialResult, TrialSpec
 
-#: Best feasible trials tried, at most, before giving up.
+if TYPE_CHECKING:  # the study and results modules import this one
+    from autotune.results import TrialRow
+    from autotune.study import StudyContext, StudyObserver
+
+#: Distinct settings tried, at most, before giving up.
 CANDIDATES = 3
 #: Fresh workloads use seeds ``study seed + SEED_OFFSET + 1 .. n``: far from the
 #: study's own seed and from the small seeds users pick for other studies.
@@ -51,7 +55,7 @@ class Confirmation:
         return self.outcome == "feasible"
 
     @classmethod
-    def of(cls, result: TrialResult, slo, workload_seed: int) -> Confirmation:
+    def of(cls, result: TrialResult, slo: ResolvedSlo, workload_seed: int) -> Confirmation:
         margins = constraint_margins(result, slo)
         outcome = "crashed" if result.crashed else ("feasible" if feasible(margins) else "infeasible")
         return cls(workload_seed, outcome, result.metrics(), margins, result.error)
@@ -84,7 +88,7 @@ def verdict(records: Sequence[Confirmation], seeds: Sequence[int]) -> bool | Non
     return True if {c.workload_seed for c in relevant} >= set(seeds) else None
 
 
-def confirm(ctx, n: int, observer) -> None:
+def confirm(ctx: StudyContext, n: int, observer: StudyObserver) -> None:
     """Run the confirmations the study lacks (see the module's doc)."""
     from autotune.results import StudyResult
     from autotune.study import build_workload_for
@@ -124,10 +128,10 @@ def confirm(ctx, n: int, observer) -> None:
             return  # lower settings cannot beat a confirmed one
 
 
-def distinct_settings(rows):
+def distinct_settings(rows: Sequence[TrialRow]) -> list[TrialRow]:
     """The first row of each distinct setting (knob values), order kept."""
-    seen: list = []
-    out = []
+    seen: list[Mapping[str, float]] = []
+    out: list[TrialRow] = []
     for r in rows:
         if r.params not in seen:
             seen.append(r.params)
