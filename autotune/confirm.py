@@ -60,6 +60,14 @@ class Confirmation:
         outcome = "crashed" if result.crashed else ("feasible" if feasible(margins) else "infeasible")
         return cls(workload_seed, outcome, result.metrics(), margins, result.error)
 
+    def measured_text(self) -> str:
+        """What the re-run measured, e.g. ``P99 TTFT 50.0 ms, P99 TPOT 8.00 ms, 1.500 samples/s``."""
+        if self.error is not None:
+            return f"crashed: {self.error}"
+        m = self.metrics
+        return (f"P99 TTFT {m.get('ttft_p99_ms', float('nan')):.1f} ms, P99 TPOT {m.get('tpot_p99_ms', float('nan')):.2f} ms, "
+                f"{m.get('peft_samples_per_s', 0):.3f} samples/s")
+
     def to_dict(self) -> dict[str, Any]:
         return {"workload_seed": self.workload_seed, "outcome": self.outcome, "metrics": self.metrics,
                 "constraints": self.constraints, "error": self.error}
@@ -77,6 +85,12 @@ def workload_seeds(study_seed: int, n: int) -> list[int]:
 def load(user_attrs: Mapping[str, Any]) -> dict[int, list[Confirmation]]:
     """The stored confirmations, by trial number."""
     return {int(k): [Confirmation.from_dict(c) for c in v] for k, v in user_attrs.get(ATTR, {}).items()}
+
+
+def setting_records(rows: Sequence[TrialRow], stored: Mapping[int, Sequence[Confirmation]],
+                    params: Mapping[str, float]) -> list[Confirmation]:
+    """Every confirmation of one setting: trials that repeat a setting share them."""
+    return [c for r in rows if r.params == params for c in stored.get(r.number, [])]
 
 
 def verdict(records: Sequence[Confirmation], seeds: Sequence[int]) -> bool | None:
@@ -102,14 +116,12 @@ def confirm(ctx: StudyContext, n: int, observer: StudyObserver) -> None:
     result = StudyResult.of(study)
     workloads: dict[int, Any] = {}
     for row in distinct_settings(result.ranked_feasible())[:CANDIDATES]:
-        records = stored.setdefault(row.number, [])
-        # Trials that repeat this setting share its confirmations.
-        same = [c for r in result.rows if r.params == row.params and r.number != row.number
-                for c in stored.get(r.number, [])]
-        for seed in seeds:
-            if verdict(same + records, seeds) is not None:
+        records = stored.setdefault(row.number, [])  # new runs are stored on the setting's best trial
+        for index, seed in enumerate(seeds, start=1):
+            runs = setting_records(result.rows, stored, row.params)
+            if verdict(runs, seeds) is not None:
                 break
-            if any(c.workload_seed == seed for c in same + records):
+            if any(c.workload_seed == seed for c in runs):
                 continue
             if seed not in workloads:
                 workloads[seed] = build_workload_for(ctx, seed)
@@ -119,12 +131,12 @@ def confirm(ctx: StudyContext, n: int, observer: StudyObserver) -> None:
                 lora_serving=ctx.lora_serving, warmup_s=ctx.config.warmup_s,
                 label=f"confirm-{row.number}-seed{seed}",
             )
-            observer.on_confirm_start(ctx, row.number, row.params, seeds.index(seed) + 1, n)
+            observer.on_confirm_start(ctx, row.number, row.params, index, n)
             record = Confirmation.of(ctx.backend.run_trial(spec, observer.on_progress), ctx.slo, seed)
             records.append(record)
             study.set_user_attr(ATTR, {str(k): [c.to_dict() for c in v] for k, v in stored.items() if v})
             observer.on_confirm_end(ctx, row.number, record)
-        if verdict(same + records, seeds):
+        if verdict(setting_records(result.rows, stored, row.params), seeds):
             return  # lower settings cannot beat a confirmed one
 
 

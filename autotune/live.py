@@ -101,11 +101,9 @@ def confirmation_text(confirmed: Sequence[tuple[int, Confirmation]]) -> Text:
     for number, c in confirmed:
         t.append(f"confirm #{number} on workload seed {c.workload_seed}: ")
         if c.error is not None:
-            t.append(f"crashed: {c.error}\n", style="red")
+            t.append(c.measured_text() + "\n", style="red")
             continue
-        m = c.metrics
-        t.append(f"P99 TTFT {m.get('ttft_p99_ms', float('nan')):.1f} ms, P99 TPOT {m.get('tpot_p99_ms', float('nan')):.2f} ms, "
-                 f"{m.get('peft_samples_per_s', 0):.3f} samples/s ")
+        t.append(c.measured_text() + " ")
         t.append(c.outcome + "\n", style="green" if c.feasible else "red")
     t.rstrip()
     return t

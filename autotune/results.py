@@ -15,7 +15,7 @@ from typing import Any
 
 import optuna
 
-from autotune.confirm import ATTR_SEEDS, CANDIDATES, Confirmation, verdict
+from autotune.confirm import ATTR_SEEDS, CANDIDATES, Confirmation, setting_records, verdict
 from autotune.confirm import load as load_confirmations
 from autotune.errors import UserError
 
@@ -102,8 +102,7 @@ class StudyResult:
         for (None: not confirmed, or confirmation never asked)."""
         if not self.confirm_workloads:
             return None
-        same = [c for r in self.rows if r.params == row.params for c in self.confirmations.get(r.number, [])]
-        return verdict(same, self.confirm_seeds)
+        return verdict(setting_records(self.rows, self.confirmations, row.params), self.confirm_seeds)
 
     @property
     def recommended(self) -> TrialRow | None:
@@ -269,8 +268,4 @@ def _setting_lines(result: StudyResult, row: TrialRow, title: str) -> list[str]:
 
 
 def _confirmation_text(c: Confirmation) -> str:
-    if c.error is not None:
-        return f"crashed: {c.error}"
-    m = c.metrics
-    return (f"P99 TTFT {m.get('ttft_p99_ms', float('nan')):.1f} ms, P99 TPOT {m.get('tpot_p99_ms', float('nan')):.2f} ms, "
-            f"{m.get('peft_samples_per_s', 0):.3f} samples/s, {c.outcome}")
+    return c.measured_text() if c.error is not None else f"{c.measured_text()}, {c.outcome}"
