@@ -158,18 +158,25 @@ def _status(path: Path) -> dict:
         return {}
 
 
+def _start_two_ranks(tmp_path: Path, procs: ProcessRegistry, channel, policy, warmup_steps: int) -> TrainerRanks:
+    """Two CPU ranks of the tiny model under ``policy``, rank 0 on ``channel``;
+    iteration log ``it.jsonl`` and status ``status.json`` in ``tmp_path``."""
+    config = TrainerConfig(model=tiny_folder(tmp_path), policy=policy.to_dict(), iteration_log=str(tmp_path / "it.jsonl"),
+                           status_path=str(tmp_path / "status.json"), channel=channel.name, device="cpu",
+                           warmup_steps=warmup_steps)
+    config.write(tmp_path / "config.json")
+    ranks = TrainerRanks(procs, trainer_command(tmp_path / "config.json"), tmp_path, dict(os.environ), 2, grace_s=5.0)
+    ranks.start()
+    return ranks
+
+
 def test_ranks_pause_alike_when_only_rank_0_sees_requests(tmp_path: Path) -> None:
     from autotune.gpu.channel import Channel
 
     log, status = tmp_path / "it.jsonl", tmp_path / "status.json"
     with Channel.create() as channel, ProcessRegistry() as procs:
         channel.add_in_flight(1)  # a request in flight for the whole run: only rank 0 reads the channel
-        config = TrainerConfig(model=tiny_folder(tmp_path), policy=LLMSTATION.to_dict(), iteration_log=str(log),
-                               status_path=str(status), channel=channel.name, device="cpu", warmup_steps=1)
-        config.write(tmp_path / "config.json")
-        ranks = TrainerRanks(procs, trainer_command(tmp_path / "config.json"), tmp_path, dict(os.environ), 2,
-                             grace_s=5.0)
-        ranks.start()
+        ranks = _start_two_ranks(tmp_path, procs, channel, LLMSTATION, warmup_steps=1)
         try:
             _wait_for(lambda: len(read_iteration_log(log)) >= 2 if log.exists() else False, ranks, "2 steps")
             assert _status(status)["state"] == "ready" and _status(status)["trainable_params"] == TINY.lora_params(8)
@@ -197,12 +204,7 @@ def test_ranks_start_no_iteration_while_rank_0_sees_requests(tmp_path: Path) -> 
     log, status = tmp_path / "it.jsonl", tmp_path / "status.json"
     with Channel.create() as channel, ProcessRegistry() as procs:
         channel.add_in_flight(1)
-        config = TrainerConfig(model=tiny_folder(tmp_path), policy=FINEINFER.to_dict(), iteration_log=str(log),
-                               status_path=str(status), channel=channel.name, device="cpu", warmup_steps=0)
-        config.write(tmp_path / "config.json")
-        ranks = TrainerRanks(procs, trainer_command(tmp_path / "config.json"), tmp_path, dict(os.environ), 2,
-                             grace_s=5.0)
-        ranks.start()
+        ranks = _start_two_ranks(tmp_path, procs, channel, FINEINFER, warmup_steps=0)
         try:
             _wait_for(lambda: _status(status).get("state") == "ready", ranks, "ready")
             time.sleep(1.0)  # both ranks poll the gate: no step may start

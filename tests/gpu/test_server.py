@@ -112,12 +112,18 @@ _FAKE_VLLM = textwrap.dedent("""
 """)
 
 
+def _fake_server(tmp_path, procs, port: int, adapter: str, startup_timeout_s: float) -> VllmServer:
+    """The fake server above, asked to serve one LoRA adapter named ``adapter``
+    (it serves only adapter-0); the grandchild's pid goes to ``g.pid``."""
+    cfg = _preset(lora_modules=((adapter, f"/{adapter}"),), max_lora_rank=8, port=port)
+    return VllmServer(cfg, tmp_path / "server.log", procs, startup_timeout_s=startup_timeout_s,
+                      argv=[sys.executable, "-c", _FAKE_VLLM, str(port), str(tmp_path / "g.pid")])
+
+
 def test_start_health_check_and_stop_kill_the_group(tmp_path):
     port = free_port()
-    cfg = _preset(lora_modules=(("adapter-0", "/a0"),), max_lora_rank=8, port=port)
     with ProcessRegistry() as procs:
-        server = VllmServer(cfg, tmp_path / "server.log", procs, startup_timeout_s=30,
-                            argv=[sys.executable, "-c", _FAKE_VLLM, str(port), str(tmp_path / "g.pid")])
+        server = _fake_server(tmp_path, procs, port, "adapter-0", startup_timeout_s=30)
         server.start()
         grandchild = int((tmp_path / "g.pid").read_text())
         assert server.url == f"http://127.0.0.1:{port}"
@@ -131,11 +137,8 @@ def test_start_health_check_and_stop_kill_the_group(tmp_path):
 
 
 def test_missing_adapter_means_not_ready(tmp_path):
-    port = free_port()
-    cfg = _preset(lora_modules=(("adapter-5", "/a5"),), max_lora_rank=8, port=port)
     with ProcessRegistry() as procs:
-        server = VllmServer(cfg, tmp_path / "server.log", procs, startup_timeout_s=1.5,
-                            argv=[sys.executable, "-c", _FAKE_VLLM, str(port), str(tmp_path / "g.pid")])
+        server = _fake_server(tmp_path, procs, free_port(), "adapter-5", startup_timeout_s=1.5)
         with pytest.raises(TrialCrash, match="not ready within 1.5 s"):
             server.start()
         assert procs.running == []  # the failed server was ended
