@@ -21,6 +21,7 @@ from rich.console import Console
 from autotune.errors import UserError
 from autotune.figures import FIGURES, LORA_DISTS, LORA_RANKS
 from autotune.samplers import DEFAULT_SAMPLER, SAMPLERS
+from autotune.sim.profile import DEFAULT_PROFILE
 from autotune.slo import SloSpec
 from autotune.systems import SYSTEMS
 
@@ -91,8 +92,10 @@ def _tune(system: str):
         seed: Annotated[int, typer.Option(help="seed of the workload, sampler and simulator noise")] = 0,
         slo_ttft_ms: Annotated[Optional[float], typer.Option(help="absolute P99 TTFT limit, ms")] = None,
         slo_tpot_ms: Annotated[Optional[float], typer.Option(help="absolute P99 TPOT limit, ms")] = None,
-        slo_ttft_ratio: Annotated[float, typer.Option(help="P99 TTFT limit as a multiple of serving alone")] = 2.0,
-        slo_tpot_ratio: Annotated[float, typer.Option(help="P99 TPOT limit as a multiple of serving alone")] = 1.5,
+        slo_ttft_ratio: Annotated[Optional[float], typer.Option(help="P99 TTFT limit as a multiple of serving alone "
+                                                                "(default: the paper's 500 ms)")] = None,
+        slo_tpot_ratio: Annotated[Optional[float], typer.Option(help="P99 TPOT limit as a multiple of serving alone "
+                                                                "(default: the paper's 50 ms for 8B, 80 ms larger)")] = None,
         storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL (default: SQLite under --runs-dir)")] = None,
         study_name: Annotated[Optional[str], typer.Option(help="default: system-figure-rate-backend")] = None,
         search_space: Annotated[Optional[Path], typer.Option(help="TOML file of knob ranges")] = None,
@@ -104,14 +107,17 @@ def _tune(system: str):
         lora_rank: Annotated[int, typer.Option(help="fig13: rank of the served adapters (8, 16, 32)")] = 8,
         json_path: Annotated[Optional[Path], typer.Option("--json", help="write the results here")] = None,
         runs_dir: Annotated[Path, typer.Option(help="study database, reference cache, logs")] = Path("autotune-runs"),
-        profile: Annotated[Optional[Path], typer.Option(help="sim: cost profile TOML")] = None,
+        hardware: Annotated[Optional[str], typer.Option(help=f"sim: packaged hardware profile (default {DEFAULT_PROFILE}; "
+                                                        "`autotune list` shows them)")] = None,
+        profile: Annotated[Optional[Path], typer.Option(help="sim: a hardware profile TOML file of your own")] = None,
         noise: Annotated[float, typer.Option(help="sim: relative measurement noise (std)")] = 0.0,
         trial_seconds: Annotated[Optional[float], typer.Option(help="shorten each trial's traffic window, s")] = None,
         warmup_s: Annotated[float, typer.Option("--warmup-s", help="trainer warm-up excluded from PEFT throughput, s")] = 0.0,
         no_mps: Annotated[bool, typer.Option("--no-mps", help="gpu: run without the MPS daemon (recorded)")] = False,
         vllm_arg: Annotated[Optional[list[str]], typer.Option(help="gpu: extra vLLM server flag (repeatable)")] = None,
         finetune_data: Annotated[Optional[Path], typer.Option(help="gpu: Alpaca-format JSON for the trainer")] = None,
-        gpus: Annotated[int, typer.Option(help="gpu: GPUs (tensor parallel serving, one FSDP trainer rank each)")] = 1,
+        gpus: Annotated[Optional[int], typer.Option(help="GPUs: tensor parallel serving, one FSDP trainer rank each "
+                                                    "(sim default: the profile's; gpu default: 1)")] = None,
         gpu_mem_gb: Annotated[Optional[float], typer.Option(help="gpu: hold each GPU to this many GiB (artifact: 24)")] = None,
         confirm: Annotated[int, typer.Option(min=0, help="re-run the best settings on N fresh workloads; "
                                              "recommend the best that meets the SLO on all")] = 0,
@@ -130,16 +136,25 @@ def _tune(system: str):
             tokenizer_path=tokenizer, lora_dist=lora_dist.value if lora_dist else None, lora_rank=lora_rank,
             trial_seconds=trial_seconds, warmup_s=warmup_s, runs_dir=runs_dir, confirm_workloads=confirm,
         )
+        if gpus is not None and gpus < 1:
+            raise UserError(f"--gpus must be at least 1, got {gpus}")
+        given = {"--hardware": hardware is not None, "--profile": profile is not None, "--noise": noise != 0.0,
+                 "--no-mps": no_mps, "--vllm-arg": bool(vllm_arg), "--finetune-data": finetune_data is not None,
+                 "--gpu-mem-gb": gpu_mem_gb is not None}
+        only = {"sim": ("--hardware", "--profile", "--noise"),
+                "gpu": ("--no-mps", "--vllm-arg", "--finetune-data", "--gpu-mem-gb")}
+        for other, flags in only.items():
+            wrong = [f for f in flags if given[f] and other != backend.value]
+            if wrong:
+                raise UserError(f"{', '.join(wrong)} applies to --backend {other}, not {backend.value}")
         if backend.value == "sim":
-            if gpus != 1:
-                raise UserError(f"--gpus {gpus}: the simulator models one GPU; use --backend gpu")
-            if gpu_mem_gb is not None:
-                raise UserError("--gpu-mem-gb applies to --backend gpu; the simulator's profile fixes its memory")
-            options = {"profile": profile, "noise": noise}
+            if hardware is not None and profile is not None:
+                raise UserError("give --hardware NAME or --profile FILE, not both")
+            options = {"profile": profile if profile is not None else hardware, "noise": noise, "gpus": gpus}
         else:
             options = {"runs_dir": runs_dir, "use_mps": not no_mps, "vllm_args": tuple(vllm_arg or ()),
                        "model_path": Path(model) if model and Path(model).is_dir() else None,
-                       "finetune_data": finetune_data, "gpus": gpus, "gpu_mem_gb": gpu_mem_gb}
+                       "finetune_data": finetune_data, "gpus": gpus or 1, "gpu_mem_gb": gpu_mem_gb}
         _run(config, backend.value, options, trials, json_path, plain)
 
     command.__doc__ = f"Tune {SYSTEMS[system].title}: {SYSTEMS[system].description}."
@@ -186,20 +201,24 @@ def workload(
     burstgpt: Annotated[Optional[Path], typer.Option()] = None,
     tokenizer: Annotated[Optional[Path], typer.Option()] = None,
     lora_dist: Annotated[Optional[LoraDist], typer.Option()] = None,
-    hardware: Annotated[str, typer.Option(help="hardware profile whose preset rate applies")] = "h100-80gb",
+    hardware: Annotated[str, typer.Option(help="hardware profile whose preset rate applies")] = DEFAULT_PROFILE,
+    system: Annotated[Optional[str], typer.Option(help="the system whose prompts per req/s apply (FineInfer: 400)")] = None,
 ) -> None:
     """Write a figure's workload, one JSON object per request."""
     from autotune.figures import get_figure
     from autotune.workloads.build import WorkloadOptions, build_workload
 
+    from autotune.systems import get_system
+
     fig = get_figure(figure.value)
+    prompts_per_rate = get_system(system).prompts_per_rate if system is not None else 200
     if not fig.serves:
         raise UserError(f"{fig.name} has no serving workload")
     if lora_dist is not None and not fig.lora_adapters:
         raise UserError(f"--lora-dist applies to fig13 only, not {fig.name}")
     if rate is None:
         rate, _ = fig.default_rate(hardware)
-    n = num_prompts if num_prompts is not None else fig.prompts(rate, 200)  # 0 is refused, not the default
+    n = num_prompts if num_prompts is not None else fig.prompts(rate, prompts_per_rate)  # 0 is refused, not the default
     wl = build_workload(WorkloadOptions(
         arrivals=fig.arrivals, rate_req_s=rate, num_prompts=n, seed=seed, sharegpt_path=sharegpt,
         burstgpt_path=burstgpt, tokenizer_path=tokenizer,
@@ -244,16 +263,25 @@ def show(
 
 @app.command(name="list")
 def list_presets() -> None:
-    """The systems, their knobs and search ranges, and the figures."""
+    """The systems, their knobs and search ranges, the figures, and the hardware profiles."""
+    from autotune.sim.profile import load_profile, packaged_profiles
     from autotune.systems import get_system
 
+    print("systems:")
     for name in SYSTEMS:
         system = get_system(name)
         space = system.search_space()
         knobs = "; ".join(f"{k.name} {k.describe_range()} (default {k.default:g})" for k in space)
-        print(f"{name:16s} {knobs}")
+        print(f"  {name:16s} {knobs}")
+    print("figures:")
     for fig in FIGURES.values():
-        print(f"{fig.name:16s} {fig.description}")
+        print(f"  {fig.name:16s} {fig.description}")
+    print("hardware profiles (--hardware; [how many numbers of each provenance]):")
+    for name in packaged_profiles():
+        p = load_profile(name)
+        default = " (default)" if name == DEFAULT_PROFILE else ""
+        print(f"  {name:16s} {p.describe()}{default}")
+        print(f"  {'':16s} {p.provenance}")
 
 
 def main(argv: list[str] | None = None) -> None:

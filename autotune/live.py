@@ -38,6 +38,7 @@ def header_text(ctx: StudyContext, rows: Sequence[TrialRow]) -> Text:
     t.append(f" · {ctx.figure.name} · ")
     t.append(f"{ctx.rate_req_s:g} req/s ({ctx.rate_basis})" if ctx.workload is not None else "no serving")
     t.append(f" · {ctx.model.name} · {ctx.backend.name} backend · sampler {cfg.sampler}\n")
+    t.append(f"{ctx.backend.headline()}\n", style="dim")
     if ctx.workload is not None:
         t.append(f"workload: {ctx.workload.description}\n", style="dim")
     if ctx.slo is not None:
@@ -193,6 +194,7 @@ class PlainReporter(StudyObserver):
         self._print(f"study {ctx.study.study_name}: {ctx.system.name} {ctx.figure.name} {rate}, "
                     f"{ctx.model.name}, {ctx.backend.name} backend, sampler {ctx.config.sampler}, "
                     f"{n_trials} trials ({len(ctx.study.trials)} already)")
+        self._print(ctx.backend.headline())
         if ctx.workload is not None:
             self._print(f"workload: {ctx.workload.description}")
 

@@ -212,7 +212,7 @@ def _identity(ctx_config: StudyConfig, model: ModelConfig, rate: float, workload
         "system": ctx_config.system,
         "figure": ctx_config.figure,
         "backend": backend.name,
-        "hardware": backend.hardware,
+        **backend.identity(),
         "model": model.name,
         "rate_req_s": rate,
         "workload_digest": _workload_digest(workload),
@@ -366,7 +366,7 @@ def run_references(ctx: StudyContext, observer: StudyObserver) -> None:
     ref = _result_from_record(ctx.references[TrialKind.SERVING_ALONE.value])
     if "slo" in ctx.study.user_attrs and ctx.study.trials:
         ctx.slo = ResolvedSlo.from_dict(ctx.study.user_attrs["slo"])
-        new = resolve(ctx.config.slo, ref)
+        new = resolve(ctx.config.slo, ref, ctx.model)
         if new != ctx.slo:
             raise UserError(
                 f"study {ctx.study.study_name!r} was run with other SLOs "
@@ -374,7 +374,7 @@ def run_references(ctx: StudyContext, observer: StudyObserver) -> None:
                 "pass the same SLO options or --study-name for a new study"
             )
     else:
-        ctx.slo = resolve(ctx.config.slo, ref)
+        ctx.slo = resolve(ctx.config.slo, ref, ctx.model)
         ctx.study.set_user_attr("slo", ctx.slo.to_dict())
 
 

@@ -666,7 +666,7 @@ def main() -> None:
     scenarios = [Scenario(f"tight SLO ({args.ttft_ratio:g}x TTFT, {args.tpot_ratio:g}x TPOT)",
                           SloSpec(ttft_ratio=args.ttft_ratio, tpot_ratio=args.tpot_ratio), tuple(args.rates))]
     if args.default_slo_rates:
-        scenarios.append(Scenario("default SLO (2x TTFT, 1.5x TPOT)", SloSpec(), tuple(args.default_slo_rates)))
+        scenarios.append(Scenario("default SLO (2x TTFT, 1.5x TPOT)", SloSpec(ttft_ratio=2.0, tpot_ratio=1.5), tuple(args.default_slo_rates)))
     # One BLAS/torch thread per worker: the workers already fill the cores (GP uses torch).
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="search-quality-"))

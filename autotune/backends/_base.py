@@ -37,6 +37,14 @@ class Backend(abc.ABC):
         """Name of the hardware profile the figures' rates are chosen for."""
         return "h100-80gb"
 
+    def headline(self) -> str:
+        """One line for the user: the machine the trials run on, and how real it is."""
+        return self.hardware
+
+    def identity(self) -> dict[str, Any]:
+        """What of the backend changes a measurement (part of a study's identity)."""
+        return {"hardware": self.hardware}
+
     def cache_key(self) -> str:
         """What reference runs are cached under (GPU model, cost profile)."""
         return self.hardware

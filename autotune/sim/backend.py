@@ -21,41 +21,62 @@ class SimBackend(Backend):
     """Runs trials on a discrete-event model of the server, the trainer and
     the sharing policy, with costs from a profile (``autotune/sim/profiles``).
 
-    ``noise``: relative standard deviation of a multiplicative lognormal on
-    every iteration and tasklet-segment time (0: exact); drawn from a
-    generator seeded with ``spec.seed + seed_offset``, so a trial is
+    ``profile``: a packaged hardware profile's name (``--hardware``) or a TOML
+    file (``--profile``); ``gpus``: override the profile's GPU count
+    (``--gpus``). ``noise``: relative standard deviation of a multiplicative
+    lognormal on every iteration and tasklet-segment time (0: exact); drawn
+    from a generator seeded with ``spec.seed + seed_offset``, so a trial is
     deterministic per seed.
     """
 
     name = "sim"
 
-    def __init__(self, profile: str | Path | None = None, noise: float = 0.0, seed_offset: int = 0) -> None:
+    def __init__(self, profile: str | Path | None = None, noise: float = 0.0, seed_offset: int = 0,
+                 gpus: int | None = None) -> None:
         if not 0.0 <= noise < 1.0:
             raise UserError(f"simulator noise must be in [0, 1), got {noise:g}")
         self.profile: Profile = load_profile(profile)
+        if gpus is not None:
+            self.profile = self.profile.with_gpus(gpus)
         self.noise = float(noise)
         self.seed_offset = int(seed_offset)
 
     @property
     def hardware(self) -> str:
-        return self.profile.hardware.name
+        return self.profile.name
 
     def describe(self) -> dict[str, Any]:
+        d = self.profile.datasheet
         return {
             "backend": self.name,
             "hardware": self.hardware,
+            "gpu": d.gpu,
+            "gpus": d.gpus,
+            "gpu_memory_gib": d.gpu_memory_gib,
+            "interconnect": d.interconnect,
             "profile": self.profile.source,
             "profile_status": self.profile.status,
+            "profile_digest": self.profile_digest(),
             "provenance": self.profile.provenance,
             "noise": self.noise,
             "seed_offset": self.seed_offset,
         }
 
+    def headline(self) -> str:
+        return f"simulated {self.hardware}: {self.profile.describe()}"
+
+    def identity(self) -> dict[str, Any]:
+        return {"hardware": self.hardware, "profile_digest": self.profile_digest(), "gpus": self.profile.gpus,
+                "noise": self.noise}
+
+    def profile_digest(self) -> str:
+        """Every number of the profile (GPU count included), hashed."""
+        p = self.profile
+        return hashlib.sha256(repr((p.datasheet, p.efficiency, p.serving, p.trainer, p.mps)).encode()).hexdigest()[:10]
+
     def cache_key(self) -> str:
         """Reference runs depend on every number of the profile and on the noise."""
-        digest = hashlib.sha256(repr((self.profile.hardware, self.profile.serving, self.profile.trainer,
-                                      self.profile.mps)).encode()).hexdigest()[:10]
-        return f"{self.hardware}-sim-{digest}-noise{self.noise:g}"
+        return f"{self.hardware}-sim-{self.profile_digest()}-noise{self.noise:g}"
 
     def run_trial(self, spec: TrialSpec, progress: ProgressFn = no_progress) -> TrialResult:
         start = time.perf_counter()
@@ -82,5 +103,5 @@ class SimBackend(Backend):
             "sim_server_iterations": outcome.server_iterations,
             "sim_clock_s": outcome.end_s,
         }
-        notes = (f"simulated on {self.profile.source} ({self.profile.status})",)
+        notes = (f"simulated on {self.profile.source} ({self.profile.status})", *outcome.memory.notes)
         return TrialResult(serving=serving, peft=peft, error=error, wall_s=wall_s, notes=notes, extra=extra)

@@ -25,11 +25,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from autotune.backends._base import ProgressFn, no_progress
-from autotune.errors import TrialCrash
+from autotune.memory import MemoryPlan, plan_for_trial
 from autotune.metrics import RequestRecord, TrainerIteration
 from autotune.policy import Preemption
 from autotune.sim.contention import Contention
-from autotune.sim.costs import BF16_BYTES, ServingCostModel, Shapes, TrainerCostModel
+from autotune.sim.costs import ServingCostModel, TrainerCostModel
 from autotune.sim.events import ARRIVAL, CONTROL, Event, EventQueue
 from autotune.sim.profile import Profile
 from autotune.sim.server import Server, SimRequest
@@ -38,9 +38,6 @@ from autotune.trial import TrialSpec
 
 #: Measurement window of a trial with no serving, after the warm-up, s.
 TRAINER_ALONE_WINDOW_S = 60.0
-#: A separate trainer process needs its own copy of the weights plus this, GiB.
-TRAINER_EXTRA_MEMORY_GIB = 4.0
-GIB = 1024**3
 
 
 @dataclass(frozen=True)
@@ -52,33 +49,15 @@ class SimOutcome:
     server_iterations: int
     events: int
     end_s: float  # simulated clock at the end
+    memory: MemoryPlan  # the per-GPU split the trial ran with
 
 
-def kv_capacity_tokens(spec: TrialSpec, profile: Profile) -> int:
-    """KV-cache tokens the engine gets (vLLM: memory x utilisation - weights - activations)."""
-    shapes = Shapes.of(spec.model)
-    budget = profile.hardware.gpu_memory_gib * GIB * spec.policy.gpu_memory_utilization
-    weights = spec.model.num_params * BF16_BYTES
-    adapters = 0
-    if spec.lora_serving is not None:
-        adapters = spec.lora_serving.num_adapters * spec.lora_serving.rank * shapes.lora_bytes_per_rank
-    free = budget - weights - adapters - profile.serving.activation_reserve_gib * GIB
-    if free <= 0:
-        raise TrialCrash(
-            f"out of memory: weights {weights / GIB:.1f} GiB + activations do not fit in "
-            f"gpu_memory_utilization {spec.policy.gpu_memory_utilization:g} of {profile.hardware.gpu_memory_gib:g} GiB")
-    block = profile.serving.block_size_tokens
-    return int(free // shapes.kv_bytes_per_token) // block * block
-
-
-def check_trainer_memory(spec: TrialSpec, profile: Profile) -> None:
-    """A trainer in its own process (no preemption) needs its own weights."""
-    if not (spec.trains and spec.serves and spec.policy.preemption is Preemption.NONE):
-        return
-    need = spec.model.num_params * BF16_BYTES / GIB + TRAINER_EXTRA_MEMORY_GIB
-    left = profile.hardware.gpu_memory_gib * (1.0 - spec.policy.gpu_memory_utilization)
-    if need > left:
-        raise TrialCrash(f"out of memory: the trainer needs {need:.1f} GiB, {left:.1f} GiB left beside the server")
+def memory_plan(spec: TrialSpec, profile: Profile) -> MemoryPlan:
+    """The trial's per-GPU memory plan on the profile's machine (``TrialCrash`` if it cannot fit)."""
+    return plan_for_trial(spec, gpus=profile.gpus, gpu_memory_gib=profile.datasheet.gpu_memory_gib,
+                          server_reserve_gib=profile.serving.activation_reserve_gib,
+                          max_model_len=profile.serving.max_model_len,
+                          block_size_tokens=profile.serving.block_size_tokens)
 
 
 class Simulation:
@@ -90,6 +69,7 @@ class Simulation:
         self.progress = progress
         self.queue = EventQueue()
         self.channel = Channel()
+        self.memory = memory_plan(spec, profile)
         serves = spec.serves and spec.workload is not None and len(spec.workload) > 0
         self.offset_s = spec.warmup_s if spec.trains else 0.0
         contention = Contention(profile.mps, self.policy.mps, self.policy.trainer_mps_active_thread_pct / 100.0)
@@ -110,7 +90,7 @@ class Simulation:
                                  self.spec.trainer_lora_rank)
         return TrainerSim(
             segments=plan_segments(costs.tasklets(), self.policy),
-            tokens_per_iteration=self.policy.trainer_seq_len_tokens,
+            tokens_per_iteration=self.policy.trainer_seq_len_tokens * costs.samples_per_step,
             params=self.profile.trainer,
             contention=contention,
             channel=self.channel,
@@ -124,7 +104,8 @@ class Simulation:
         lora = self.spec.lora_serving
         costs = ServingCostModel(self.spec.model, self.profile, lora.rank if lora else None)
         return Server(
-            costs, self.profile.serving, kv_capacity_tokens(self.spec, self.profile),
+            costs, self.profile.serving,
+            self.memory.kv_capacity_tokens(self.spec.model, self.profile.serving.block_size_tokens),
             contention=contention if self.trainer is not None else None,
             next_arrival_s=self._next_engine_arrival_s,
             on_done=self._request_done,
@@ -136,7 +117,6 @@ class Simulation:
 
     # -- running -----------------------------------------------------------
     def run(self) -> SimOutcome:
-        check_trainer_memory(self.spec, self.profile)
         if self.trainer is not None:
             self.queue.push(0.0, CONTROL, self.trainer.start)
         if self.server is not None:
@@ -162,6 +142,7 @@ class Simulation:
             server_iterations=self.server.iterations if self.server is not None else 0,
             events=self.queue.handled,
             end_s=end,
+            memory=self.memory,
         )
 
     def _prepare_requests(self) -> None:

@@ -36,6 +36,7 @@ class Segment:
     host_s: float  # CPU time to issue its tasklets
     gpu_s: float  # their GPU time with the whole GPU
     compute_share: float  # GPU-time-weighted compute-boundness, 0..1
+    comm_s: float  # FSDP collectives it waits for (the link, not the SMs), s
     tasklets: int
     pause_wait_s: float | None  # None: no pause point at its end; else the wait if requests are in flight
 
@@ -73,7 +74,8 @@ def _groups(items: list[Tasklet], n: int) -> list[list[Tasklet]]:
 def _segment(group: list[Tasklet], pause_wait_s: float | None) -> Segment:
     gpu = sum(t.gpu_s for t in group)
     share = sum(t.gpu_s * t.gpu_compute_share for t in group) / gpu if gpu > 0 else 0.0
-    return Segment(sum(t.host_s for t in group), gpu, share, len(group), pause_wait_s)
+    return Segment(sum(t.host_s for t in group), gpu, share, sum(t.comm_s for t in group), len(group),
+                   pause_wait_s)
 
 
 @dataclass
@@ -140,7 +142,7 @@ class TrainerSim:
         if self.state == "idle":
             return
         self._advance(now)
-        solo = [smooth_max(s.host_s, s.gpu_s, self.params.host_gpu_sharpness) for s in self.segments]
+        solo = [smooth_max(s.host_s, s.gpu_s + s.comm_s, self.params.host_gpu_sharpness) for s in self.segments]
         current = solo[self._index] * (1.0 - self._remaining if self.state == "run" else 1.0)
         frac = (sum(solo[:self._index]) + current) / sum(solo)  # of the step's work, solo-weighted
         if now > self._iter_start_s and frac > 0:
@@ -199,7 +201,8 @@ class TrainerSim:
         gpu_full = seg.gpu_s * c.trainer_gpu_stretch(self._server_duty, seg.compute_share)
         active = gpu_full / c.trainer_speed  # GPU-active time at its speed share
         pause_s = self.params.pause_check_ms / 1000.0 if seg.pause_wait_s is not None else 0.0
-        seconds = float(smooth_max(host, active, self.params.host_gpu_sharpness)) + pause_s
+        # The host runs ahead of kernels and collectives alike; collectives keep the SMs free.
+        seconds = float(smooth_max(host, active + seg.comm_s, self.params.host_gpu_sharpness)) + pause_s
         return seconds, min(1.0, active / seconds)
 
     def _segment_duty(self) -> float:
