@@ -22,6 +22,7 @@ artifact's 24 GB GPUs were (``memory_budget``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -209,9 +210,27 @@ class GpuBackend(Backend):
             "torch": torch.__version__,
             "mps": self.use_mps,
             "vllm_args": list(self.vllm_args),
+            "server_flags": self.server_flags(),
+            "prefix_caching": self.prefix_caching(),
             "finetune_data": str(self.finetune_data) if self.finetune_data is not None else "synthetic token ids",
             "run_dir": str(self.root),
         }
+
+    def server_flags(self) -> list[str] | None:
+        """The flags of the last server started (``ServerConfig.flags``: no
+        port, no model folder), or None before any server ran."""
+        last = self.keeper.last_started
+        return last.flags() if last is not None else None
+
+    def prefix_caching(self) -> bool:
+        """Whether the server runs (or, before any ran, will run) with prefix caching."""
+        from autotune.gpu.server import ServerConfig, prefix_caching_in
+
+        last = self.keeper.last_started
+        if last is not None:
+            return last.prefix_caching
+        user = prefix_caching_in(self.vllm_args)
+        return ServerConfig.enable_prefix_caching if user is None else user
 
     # ------------------------------------------------------------ parts
 
@@ -369,7 +388,7 @@ class GpuBackend(Backend):
                 progress(0.0, f"replaying {len(spec.workload)} requests")
                 replayed = replay_sync(
                     server.url, spec.workload, model_name=spec.model.name, vocab_size=spec.model.vocab_size,
-                    seed=spec.seed, channel=channel, policy=spec.policy if spec.trains else None,
+                    seed=prompt_seed(spec), channel=channel, policy=spec.policy if spec.trains else None,
                     progress=lambda f: progress(f, f"{f:.0%} of requests done"),
                     prompt_as_text=server.config.has_tokenizer,
                 )
@@ -436,6 +455,20 @@ def _finetune_inputs(finetune_data: Path | None, model_path: Path | None) -> tup
 WARM_UP_S = 10.0  # traffic replayed to a new server before it is measured
 
 
+def prompt_seed(spec: TrialSpec, *, warm_up: bool = False) -> int:
+    """The seed of a run's prompt token ids, in [0, 2**63).
+
+    ``spec.seed`` alone repeats prompts across runs (a study gives trial n
+    ``seed + n`` and its serving-alone reference ``seed``: trial 0 replayed the
+    reference's prompts), and a server with prefix caching on would answer the
+    repeat from its cache. Hashing everything that names the run (kind, seed,
+    number, label), and a tag for the warm-up, gives each run prompts of its
+    own; the workload's arrivals and lengths are untouched."""
+    name = ["warm-up" if warm_up else "run", spec.kind.value, spec.seed, spec.number, spec.label]
+    digest = hashlib.sha256(json.dumps(name).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
 def _warm_up(server, spec: TrialSpec) -> None:
     """Traffic to a new server before it is measured, so that first-request
     costs (lazy allocations, adapter loading, cold caches) stay out of the
@@ -449,7 +482,7 @@ def _warm_up(server, spec: TrialSpec) -> None:
         reqs += [RequestSpec(0.0, 64, 8, adapter=i) for i in range(spec.lora_serving.num_adapters)]
     reqs.sort(key=lambda r: r.arrival_s)
     replay_sync(server.url, Workload(tuple(reqs), spec.workload.rate_req_s, spec.seed, True, "warm-up"),
-                model_name=spec.model.name, vocab_size=spec.model.vocab_size, seed=spec.seed + 7919,
+                model_name=spec.model.name, vocab_size=spec.model.vocab_size, seed=prompt_seed(spec, warm_up=True),
                 prompt_as_text=server.config.has_tokenizer)
 
 

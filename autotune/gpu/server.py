@@ -28,6 +28,24 @@ from autotune.gpu.procs import ProcessRegistry
 
 STOP_GRACE_S = 30.0  # vLLM shuts its workers down on SIGTERM; SIGKILL after this
 _POLL_S = 1.0  # health-check interval during start-up
+# vLLM 0.20's switch (EngineArgs.enable_prefix_caching, a BooleanOptionalAction)
+PREFIX_CACHING_ON = "--enable-prefix-caching"
+PREFIX_CACHING_OFF = "--no-enable-prefix-caching"
+
+
+def prefix_caching_in(args: Sequence[str]) -> bool | None:
+    """The prefix-caching choice ``args`` make (the last switch wins, as in
+    argparse; vLLM also accepts underscores), or None if they make none."""
+    choice = None
+    for arg in args:
+        if not arg.startswith("--"):
+            continue
+        name = "--" + arg[2:].split("=", 1)[0].replace("_", "-")
+        if name == PREFIX_CACHING_ON:
+            choice = True
+        elif name == PREFIX_CACHING_OFF:
+            choice = False
+    return choice
 
 
 @dataclass(frozen=True)
@@ -42,6 +60,9 @@ class ServerConfig:
     lora_modules: tuple[tuple[str, str], ...] = ()  # (adapter name, PEFT folder), fig13
     max_lora_rank: int = 0  # needed with lora_modules
     extra_args: tuple[str, ...] = ()  # the user's --vllm-arg flags, passed through
+    # vLLM 0.20 caches prefixes by default, so one run could hit blocks another
+    # left behind; off unless asked for (a switch in extra_args wins)
+    enable_prefix_caching: bool = False
     env: tuple[tuple[str, str], ...] = ()  # added to the environment (MPS pipe folders)
     host: str = "127.0.0.1"
     port: int | None = field(default=None, compare=False)  # None: a free port at start
@@ -54,6 +75,13 @@ class ServerConfig:
     @property
     def adapter_names(self) -> tuple[str, ...]:
         return tuple(name for name, _ in self.lora_modules)
+
+    @property
+    def prefix_caching(self) -> bool:
+        """Whether the server runs with prefix caching: the user's switch if
+        ``extra_args`` carry one, else ``enable_prefix_caching``."""
+        user = prefix_caching_in(self.extra_args)
+        return self.enable_prefix_caching if user is None else user
 
     def command(self, port: int, python: str = sys.executable) -> list[str]:
         """The server's command line (vLLM 0.20 flag names)."""
@@ -68,6 +96,8 @@ class ServerConfig:
             "--gpu-memory-utilization", f"{self.gpu_memory_utilization:g}",
             "--no-enable-log-requests",
         ]
+        if prefix_caching_in(self.extra_args) is None:  # the user's own switch wins
+            argv.append(PREFIX_CACHING_ON if self.enable_prefix_caching else PREFIX_CACHING_OFF)
         if self.dummy_weights:
             argv += ["--load-format", "dummy"]
         if not self.has_tokenizer:
@@ -77,6 +107,16 @@ class ServerConfig:
                      "--max-lora-rank", str(self.max_lora_rank),
                      "--lora-modules", *(f"{name}={path}" for name, path in self.lora_modules)]
         return argv + list(self.extra_args)
+
+    def flags(self) -> list[str]:
+        """The command's flags as the results record them: without the python
+        executable and module, and without ``--port`` and ``--model`` (with
+        their values), which change from machine to machine."""
+        argv = self.command(port=0)[3:]
+        for flag in ("--model", "--port"):
+            i = argv.index(flag)
+            del argv[i:i + 2]
+        return argv
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -202,6 +242,7 @@ class ServerKeeper:
         self.server: VllmServer | None = None
         self.starts = 0  # servers started so far
         self.last_decision: Decision | None = None
+        self.last_started: ServerConfig | None = None  # kept after stop(): what the results record
 
     def ensure(self, config: ServerConfig) -> VllmServer:
         """A healthy server for ``config``: the running one, or a new one."""
@@ -213,6 +254,7 @@ class ServerKeeper:
         self.stop()
         self.starts += 1
         server = self._factory(config, self.log_dir / f"vllm-server-{self.starts}.log")
+        self.last_started = config
         server.start()
         self.server = server
         return server

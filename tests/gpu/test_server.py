@@ -1,12 +1,14 @@
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from autotune.errors import TrialCrash
 from autotune.gpu.procs import ProcessRegistry, is_alive
-from autotune.gpu.server import Decision, ServerConfig, ServerKeeper, VllmServer, decide, free_port
+from autotune.gpu.server import (PREFIX_CACHING_OFF, PREFIX_CACHING_ON, Decision, ServerConfig, ServerKeeper,
+                                 VllmServer, decide, free_port)
 
 PY = "/py"
 BASE = [PY, "-m", "vllm.entrypoints.openai.api_server"]
@@ -22,7 +24,7 @@ def test_command_vllm_torchtune_preset():
     assert cfg.command(8123, python=PY) == BASE + [
         "--model", "/run/model", "--served-model-name", "llama-3.1-8b", "--host", "127.0.0.1",
         "--port", "8123", "--max-model-len", "2048", "--tensor-parallel-size", "1",
-        "--gpu-memory-utilization", "0.45", "--no-enable-log-requests",
+        "--gpu-memory-utilization", "0.45", "--no-enable-log-requests", "--no-enable-prefix-caching",
         "--load-format", "dummy", "--skip-tokenizer-init",
     ]
 
@@ -50,6 +52,65 @@ def test_command_fig13_lora():
         _preset(lora_modules=mods)  # no max_lora_rank
 
 
+def test_prefix_caching_off_by_default_on_when_asked():
+    off, on = _preset(), _preset(enable_prefix_caching=True)
+    assert PREFIX_CACHING_OFF in off.command(8000, python=PY) and PREFIX_CACHING_ON not in off.command(8000, python=PY)
+    assert PREFIX_CACHING_ON in on.command(8000, python=PY) and PREFIX_CACHING_OFF not in on.command(8000, python=PY)
+    assert off.prefix_caching is False and on.prefix_caching is True
+    assert decide(_running(off), on) is Decision.RESTART_CHANGED  # the switch is part of the server's identity
+
+
+@pytest.mark.parametrize("ours, user, runs_with", [
+    (False, ("--enable-prefix-caching",), True),
+    (True, ("--no-enable-prefix-caching",), False),
+    (False, ("--enable_prefix_caching",), True),  # vLLM reads underscores as dashes
+    (False, ("--enable-prefix-caching", "--max-num-seqs", "64", "--no-enable-prefix-caching"), False),  # last wins
+])
+def test_users_prefix_caching_switch_wins(ours, user, runs_with):
+    cfg = _preset(enable_prefix_caching=ours, extra_args=user)
+    argv = cfg.command(8000, python=PY)
+    assert argv[-len(user):] == list(user)  # passed through as given
+    switches = [a for a in argv if a.replace("_", "-") in (PREFIX_CACHING_ON, PREFIX_CACHING_OFF)]
+    assert switches == [a for a in user if a.startswith("--") and "prefix" in a]  # none of ours added
+    assert cfg.prefix_caching is runs_with
+
+
+def test_flags_leave_out_interpreter_port_and_model_folder():
+    cfg = _preset(gpu_memory_utilization=0.45, extra_args=("--enforce-eager",))
+    assert cfg.flags() == [
+        "--served-model-name", "llama-3.1-8b", "--host", "127.0.0.1", "--max-model-len", "2048",
+        "--tensor-parallel-size", "1", "--gpu-memory-utilization", "0.45", "--no-enable-log-requests",
+        "--no-enable-prefix-caching", "--load-format", "dummy", "--skip-tokenizer-init", "--enforce-eager",
+    ]
+    assert cfg.flags() == replace(cfg, model="/elsewhere/model", port=9999).flags()  # the same on another machine
+
+
+def test_our_server_flags_mean_what_we_say_to_vllms_own_parser(monkeypatch):
+    """vLLM 0.20's server parser (``make_arg_parser``, built on EngineArgs)
+    reads our command with the prefix-caching choice we meant."""
+    pytest.importorskip("vllm")
+    import vllm.platforms
+    from vllm.entrypoints.openai.cli_args import make_arg_parser
+
+    if not vllm.platforms.current_platform.device_type:  # a CUDA build without a GPU: the parser needs a device
+        from vllm.platforms.cpu import CpuPlatform
+
+        monkeypatch.setattr(vllm.platforms, "_current_platform", CpuPlatform())
+
+    try:
+        from vllm.utils.argparse_utils import FlexibleArgumentParser  # 0.20
+    except ImportError:
+        from vllm.utils import FlexibleArgumentParser  # older releases
+    cases = [(_preset(), False), (_preset(enable_prefix_caching=True), True),
+             (_preset(extra_args=("--enable-prefix-caching",)), True),
+             (_preset(enable_prefix_caching=True, extra_args=("--no-enable-prefix-caching",)), False)]
+    for cfg, runs_with in cases:
+        args = make_arg_parser(FlexibleArgumentParser()).parse_args(cfg.command(8123, python=PY)[3:])
+        assert args.enable_prefix_caching is runs_with is cfg.prefix_caching, cfg
+        assert (args.port, args.served_model_name, args.load_format) == (8123, ["llama-3.1-8b"], "dummy")
+        assert args.skip_tokenizer_init and args.gpu_memory_utilization == cfg.gpu_memory_utilization
+
+
 class FakeServer:
     def __init__(self, config, log):
         self.config, self.log, self.alive, self.stopped = config, log, False, False
@@ -62,6 +123,12 @@ class FakeServer:
 
     def stop(self):
         self.alive, self.stopped = False, True
+
+
+def _running(config: ServerConfig) -> FakeServer:
+    server = FakeServer(config, None)
+    server.start()
+    return server
 
 
 def test_decide_keep_or_restart():
@@ -90,6 +157,7 @@ def test_keeper_keeps_and_restarts(tmp_path):
     assert [s.log.name for s in (a, b, c)] == ["vllm-server-1.log", "vllm-server-2.log", "vllm-server-3.log"]
     keeper.stop()
     assert c.stopped and keeper.server is None
+    assert keeper.last_started == _preset(gpu_memory_utilization=0.75)  # what the results record, after the stop
 
 
 # A stand-in server: answers /health and /v1/models, and starts a grandchild.
