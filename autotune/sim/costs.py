@@ -244,7 +244,8 @@ class TrainerCostModel:
         plus the reduce-scatter of the layer's LoRA gradients.
         """
         s = self.shapes
-        root = (s.vocab_size * s.hidden_size + s.head_params) * BF16_BYTES
+        # one matrix when the LM head is the embeddings (tied), as FSDP holds it
+        root = s.vocab_size * s.hidden_size * (1 if self.model.tie_word_embeddings else 2) * BF16_BYTES
         layer = s.layer_params * BF16_BYTES
         lora = self.model.lora_params(self.lora_rank) // s.num_layers * BF16_BYTES
         return {"root": self._gather_s(root), "layer_forward": self._gather_s(layer),
