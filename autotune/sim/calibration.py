@@ -1,6 +1,7 @@
 """The measurements a profile is fitted to, and the simulator's numbers for them.
 
-``python -m autotune.sim.calibration [PROFILE]`` prints target vs simulated.
+``python -m autotune.sim.calibration [PROFILE]`` prints target vs simulated
+(default: ``h100-80gb``, the profile they were measured on).
 The serving measurements used vLLM's random dataset (fixed ~215-token prompts,
 ~198-token answers) at 2 req/s, 90 requests; we replay that with Poisson
 arrivals and average the statistics over a few arrival seeds.
@@ -20,6 +21,8 @@ from autotune.trial import TrialKind, TrialResult, TrialSpec
 from autotune.workloads.spec import RequestSpec, Workload
 
 CALIBRATION_MODEL = "llama-3.1-8b"
+#: The profile these measurements were taken on (and fitted to).
+CALIBRATION_PROFILE = "h100-80gb"
 CALIBRATION_SEEDS = (0, 1, 2, 3, 4)
 
 
@@ -66,8 +69,9 @@ def calibration_spec(kind: TrialKind, thread_pct: int, seed: int, model: ModelCo
 
 
 def simulate_points(backend: SimBackend | None = None) -> list[tuple[Point, float]]:
-    """(point, simulated value averaged over CALIBRATION_SEEDS) for every point."""
-    backend = backend or SimBackend()
+    """(point, simulated value averaged over CALIBRATION_SEEDS) for every point
+    (default: on the calibration profile, where they were measured)."""
+    backend = backend or SimBackend(CALIBRATION_PROFILE)
     cache: dict[tuple[TrialKind, int, int], TrialResult] = {}
 
     def metric(kind: TrialKind, pct: int, name: str) -> float:
@@ -90,7 +94,7 @@ def table(rows: list[tuple[Point, float]]) -> str:
 
 
 def main(argv: list[str]) -> None:
-    backend = SimBackend(argv[0] if argv else None)
+    backend = SimBackend(argv[0] if argv else CALIBRATION_PROFILE)
     print(f"profile {backend.profile.source}: {backend.profile.status}")
     print(table(simulate_points(backend)))
 
