@@ -14,12 +14,13 @@ from typer.testing import CliRunner
 
 from autotune.cli import app
 from autotune.live import MAX_ROWS
+from autotune.slo import PAPER_SLO_SOURCE
 from autotune.systems import SYSTEMS, get_system
 
 # Not a terminal, whatever the environment says: plain lines, no colour codes.
 runner = CliRunner(env={"FORCE_COLOR": None, "TTY_COMPATIBLE": None, "TTY_INTERACTIVE": None})
 
-BASE_STUDY = "llmstation-fig8a-12rps-sim"  # the default name: system, figure, preset rate, backend
+BASE_STUDY = "llmstation-fig8a-7rps-sim"  # the default name: system, figure, preset rate (2x-rtx3090), backend
 BASE_ARGS = ["llmstation", "--figure", "fig8a", "--trials", "3", "--num-prompts", "40"]
 LLMSTATION_DEFAULTS = {"forward_tasklets": 8, "forward_wait_s": 0.005, "backward_tasklets": 8,
                        "backward_wait_s": 0.005}
@@ -87,18 +88,31 @@ def test_list_names_every_system_its_ranges_and_every_figure():
     assert "defer_s 0.001–1 s, log (default 0.1)" in out
 
 
+def test_list_shows_the_hardware_profiles_and_their_provenance():
+    lines = ok(invoke("list")).output.splitlines()
+    profiles = lines[lines.index("hardware profiles (--hardware; [how many numbers of each provenance]):") + 1:]
+    named = {line.split()[0]: line for line in profiles if line.startswith("  ") and line[2] != " "}
+    assert set(named) == {"2x-rtx3090", "h100-80gb", "h200"}
+    assert named["2x-rtx3090"].endswith("(default)") and "[25 carried over, 3 modelled, 2 spec]" in named["2x-rtx3090"]
+    assert "NVIDIA H100 80GB HBM3 (79.18 GiB, NVLink 4): measured [11 fitted, 6 measured, 9 modelled, 4 spec]" \
+        in named["h100-80gb"]
+    assert "modelled; measured sections carried over from h100-80gb [30 carried over]" in named["h200"]
+
+
 def test_end_to_end_json(base):
     _, _, doc = base
     assert doc["system"] == "llmstation" and doc["figure"] == "fig8a"
-    assert doc["rate_req_s"] == 12.0 and doc["backend"] == "sim" and doc["model"] == "llama-3.1-8b"
+    assert doc["rate_req_s"] == 7.0 and doc["backend"] == "sim" and doc["model"] == "llama-3.1-8b"
     assert doc["num_prompts"] == 40 and doc["study_name"] == BASE_STUDY
     slo = doc["slo"]
-    assert slo["ttft_p99_ms"] > 0 and slo["tpot_p99_ms"] > 0
+    # The paper's SLOs by default: P99 TTFT 500 ms, P99 TPOT 50 ms for the 8B model.
+    assert slo == {"ttft_p99_ms": 500.0, "tpot_p99_ms": 50.0, "ttft_basis": PAPER_SLO_SOURCE,
+                   "tpot_basis": PAPER_SLO_SOURCE}
     ref = doc["reference"]
-    # Relative SLOs by default: 2.0x and 1.5x the serving-alone P99.
-    assert slo["ttft_p99_ms"] == pytest.approx(2.0 * ref["serving_alone"]["ttft_p99_ms"])
-    assert slo["tpot_p99_ms"] == pytest.approx(1.5 * ref["serving_alone"]["tpot_p99_ms"])
+    assert ref["serving_alone"]["ttft_p99_ms"] > 0  # still made: the PEFT/latency baseline
     assert ref["trainer_alone"]["peft_samples_per_s"] > 0
+    info = doc["backend_info"]
+    assert (info["hardware"], info["gpus"], info["profile_status"]) == ("2x-rtx3090", 2, "modelled")
     trials = doc["trials"]
     assert [t["number"] for t in trials] == [0, 1, 2]
     for t in trials:
@@ -120,7 +134,10 @@ def test_output_is_plain_lines_when_not_a_terminal(base):
     runs, result, doc = base
     lines = result.output.splitlines()
     assert [line.split(":")[0] for line in lines if line.startswith("trial ")] == ["trial 0", "trial 1", "trial 2"]
-    assert lines[0].startswith(f"study {BASE_STUDY}: llmstation fig8a 12 req/s (h100-80gb preset)")
+    assert lines[0].startswith(f"study {BASE_STUDY}: llmstation fig8a 7 req/s (2x-rtx3090 preset)")
+    # the machine, and that its numbers are modelled (carried over from the H100), not measured
+    assert lines[1].startswith("simulated 2x-rtx3090: 2x NVIDIA GeForce RTX 3090 (23.69 GiB, PCIe 4.0 x16): "
+                               "modelled; measured sections carried over from h100-80gb")
     assert any(line.startswith("workload: 40 requests; synthetic") for line in lines)
     assert "\x1b[" not in result.output and "│" not in result.output
     summary = "best (trial" if doc["best"] is not None else "no setting meets the SLO"
@@ -159,6 +176,30 @@ def test_confirm_reruns_the_best_on_fresh_workloads(runs, tmp_path):
     if rec is not None:
         assert rec["confirmed"] is True
         assert all(r["outcome"] == "feasible" for r in conf["runs"][str(rec["number"])])
+
+
+def test_two_simulated_h100s(tmp_path):
+    out = tmp_path / "out.json"
+    result = ok(invoke("llmstation", "--hardware", "h100-80gb", "--gpus", 2, "--trials", 1, "--num-prompts", 10,
+                       "--runs-dir", tmp_path, "--json", out))
+    doc = json.loads(out.read_text())
+    assert doc["study_name"] == "llmstation-fig8a-12rps-sim" and doc["rate_req_s"] == 12.0  # the H100's rate
+    info = doc["backend_info"]
+    assert (info["hardware"], info["gpus"], info["gpu"]) == ("h100-80gb", 2, "NVIDIA H100 80GB HBM3")
+    assert "simulated h100-80gb: 2x NVIDIA H100 80GB HBM3 (79.18 GiB, NVLink 4): measured" in result.output
+    assert doc["trials"][0]["state"] == "COMPLETE"
+
+
+def test_a_profile_file_of_ones_own(tmp_path):
+    mine = _write(tmp_path / "mine.toml", PROFILE_FILE)
+    out = tmp_path / "out.json"
+    result = ok(invoke("vllm-torchtune", "--profile", mine, "--trials", 1, "--num-prompts", 10,
+                       "--runs-dir", tmp_path, "--json", out))
+    doc = json.loads(out.read_text())
+    info = doc["backend_info"]
+    assert (info["hardware"], info["gpus"], info["profile"]) == ("my-gpu", 1, str(mine))
+    assert doc["rate_req_s"] == 7.0  # no rate of its own: the artifact's
+    assert "fig8a 7 req/s (2x-rtx3090 preset)" in result.output
 
 
 @pytest.mark.parametrize("system", [s for s in SYSTEMS if s != "llmstation"])
@@ -213,7 +254,7 @@ def test_fig13_with_skewed_adapters_of_rank_16(tmp_path):
     ok(invoke("llmstation", "--figure", "fig13", "--lora-dist", "skewed", "--lora-rank", 16, "--trials", 2,
               "--num-prompts", 20, "--runs-dir", tmp_path, "--json", out))
     doc = json.loads(out.read_text())
-    assert doc["study_name"] == "llmstation-fig13-10rps-lora-skewed-r16-sim"
+    assert doc["study_name"] == "llmstation-fig13-0.88rps-lora-skewed-r16-sim"  # the paper's rate
     assert "adapters skewed" in doc["workload"] and len(doc["trials"]) == 2
 
 
@@ -303,6 +344,20 @@ def test_workload_is_the_same_for_the_same_seed(tmp_path):
     assert a.read_text() == b.read_text() != c.read_text()
 
 
+def test_workload_rate_and_prompts_follow_the_hardware_and_the_system(tmp_path):
+    out = tmp_path / "w.jsonl"
+    result = ok(invoke("workload", "fig8a", "--out", out))  # the default profile's 7 req/s x 200 prompts
+    assert "Poisson arrivals at 7 req/s" in result.output and len(out.read_text().splitlines()) == 1400
+    result = ok(invoke("workload", "fig8a", "--hardware", "h100-80gb", "--num-prompts", 10, "--out", out))
+    assert "Poisson arrivals at 12 req/s" in result.output
+    ok(invoke("workload", "fig8a", "--rate", 0.1, "--system", "fineinfer", "--out", out))
+    assert len(out.read_text().splitlines()) == 40  # FineInfer: 400 prompts per req/s
+    ok(invoke("workload", "fig8a", "--rate", 0.1, "--out", out))
+    assert len(out.read_text().splitlines()) == 20
+    user_error(invoke("workload", "fig8a", "--system", "nope", "--out", tmp_path / "x.jsonl"),
+               "unknown system 'nope'", "llmstation")
+
+
 def test_workload_fig13_uniform_adapters(tmp_path):
     out = tmp_path / "w.jsonl"
     ok(invoke("workload", "fig13", "--lora-dist", "uniform", "--num-prompts", 20, "--out", out))
@@ -335,6 +390,22 @@ def _write(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")
     return path
 
+
+PROFILE_FILE = """
+[profile]
+carries = "h100-80gb"
+
+[datasheet]
+name = "my-gpu"
+gpu = "My GPU"
+gpus = 1
+gpu_memory_gib = 40.0
+memory_bandwidth_gb_s = 2000.0
+peak_bf16_tflops = 300.0
+sms = 100
+interconnect = "PCIe 5.0 x16"
+interconnect_bandwidth_gb_s = 63.0
+"""
 
 LLMSTATION_SPACE = """
 [forward_tasklets]
@@ -394,7 +465,29 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list, list[str]]]:
         "unknown model": (["llmstation", "--model", "gpt-9"], ["unknown model preset 'gpt-9'", "llama-3.1-8b"]),
         "other settings": (["llmstation", "--figure", "fig8a", "--trials", 1, "--num-prompts", 30,
                             "--study-name", BASE_STUDY], [f"study '{BASE_STUDY}' exists with other settings"]),
-        "other slo": ([*BASE_ARGS, "--slo-tpot-ms", 50], [f"study '{BASE_STUDY}' was run with other SLOs"]),
+        "other slo": ([*BASE_ARGS, "--slo-tpot-ms", 40], [f"study '{BASE_STUDY}' was run with other SLOs"]),
+        "other ratio": ([*BASE_ARGS, "--slo-ttft-ratio", 2], [f"study '{BASE_STUDY}' was run with other SLOs"]),
+        "slo ms and ratio": (["llmstation", "--slo-tpot-ms", 40, "--slo-tpot-ratio", 1.5],
+                             ["give --slo-tpot-ms or --slo-tpot-ratio, not both"]),
+        "other hardware": ([*BASE_ARGS, "--hardware", "h100-80gb", "--gpus", 2, "--rate", 7],
+                           [f"study '{BASE_STUDY}' exists with other settings (hardware, profile_digest)"]),
+        "other gpus": ([*BASE_ARGS, "--gpus", 1], [f"study '{BASE_STUDY}' exists with other settings (gpus, "
+                                                   "profile_digest)"]),
+        "other noise": ([*BASE_ARGS, "--noise", 0.1], [f"study '{BASE_STUDY}' exists with other settings (noise)"]),
+        "unknown hardware": (["llmstation", "--hardware", "nope"],
+                             ["unknown hardware profile 'nope'", "2x-rtx3090, h100-80gb, h200"]),
+        "hardware and profile": (["llmstation", "--hardware", "h100-80gb", "--profile", tmp / "x.toml"],
+                                 ["give --hardware NAME or --profile FILE, not both"]),
+        "missing profile": (["llmstation", "--profile", tmp / "x.toml"], ["simulator profile", "does not exist"]),
+        "gpus 0": (["llmstation", "--gpus", 0], ["--gpus must be at least 1, got 0"]),
+        "noise on gpu": (["llmstation", "--backend", "gpu", "--noise", 0.1],
+                         ["--noise applies to --backend sim, not gpu"]),
+        "hardware on gpu": (["llmstation", "--backend", "gpu", "--hardware", "h100-80gb"],
+                            ["--hardware applies to --backend sim, not gpu"]),
+        "no-mps on sim": (["llmstation", "--no-mps"], ["--no-mps applies to --backend gpu, not sim"]),
+        "gpu-mem-gb on sim": (["llmstation", "--gpu-mem-gb", 24], ["--gpu-mem-gb applies to --backend gpu, not sim"]),
+        "vllm-arg on sim": (["llmstation", "--vllm-arg", "--enforce-eager"],
+                            ["--vllm-arg applies to --backend gpu, not sim"]),
         "negative confirm": (["llmstation", "--confirm", -1], ["--confirm"]),
         "confirm without serving": (["llmstation", "--figure", "fig12", "--confirm", 2],
                                     ["--confirm", "fig12 serves nothing"]),
@@ -406,7 +499,9 @@ BAD_INPUT_NAMES = [
     "low above high", "mps above 100", "negative wait", "missing search space", "missing sharegpt",
     "malformed sharegpt", "missing burstgpt", "malformed burstgpt", "storage url", "trials 0", "negative rate",
     "zero prompts", "lora-dist on fig8a", "lora rank", "negative slo", "unknown model", "other settings",
-    "other slo", "negative confirm", "confirm without serving",
+    "other slo", "negative confirm", "confirm without serving", "other ratio", "slo ms and ratio",
+    "other hardware", "other gpus", "other noise", "unknown hardware", "hardware and profile", "missing profile",
+    "gpus 0", "noise on gpu", "hardware on gpu", "no-mps on sim", "gpu-mem-gb on sim", "vllm-arg on sim",
 ]
 
 

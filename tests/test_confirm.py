@@ -14,7 +14,7 @@ from autotune.results import StudyResult, summary_text, write_json
 from autotune.study import StudyConfig, run_study
 from autotune.trial import TrialResult
 
-from tests.test_study import ScriptedBackend
+from tests.test_study import RELATIVE_SLO, ScriptedBackend
 
 
 class FreshTrafficBackend(ScriptedBackend):
@@ -45,7 +45,7 @@ class FreshTrafficBackend(ScriptedBackend):
 
 def _config(tmp_path, **kw) -> StudyConfig:
     base = dict(system="vllm-torchtune", figure="fig8a", rate_req_s=2.0, num_prompts=20, sampler="grid",
-                runs_dir=tmp_path, seed=0, confirm_workloads=2)
+                runs_dir=tmp_path, seed=0, confirm_workloads=2, slo=RELATIVE_SLO)
     base.update(kw)
     return StudyConfig(**base)
 

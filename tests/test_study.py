@@ -52,9 +52,13 @@ class ScriptedBackend(Backend):
         return TrialResult(serving=serving, peft=peft)
 
 
+#: The study tests hold trials to the scripted server alone: 2x its P99 TTFT (60 ms), 1.5x its TPOT (12 ms).
+RELATIVE_SLO = SloSpec(ttft_ratio=2.0, tpot_ratio=1.5)
+
+
 def _config(tmp_path, **kw) -> StudyConfig:
     base = dict(system="vllm-torchtune", figure="fig8a", rate_req_s=2.0, num_prompts=20,
-                sampler="grid", runs_dir=tmp_path, seed=0)
+                sampler="grid", runs_dir=tmp_path, seed=0, slo=RELATIVE_SLO)
     base.update(kw)
     return StudyConfig(**base)
 

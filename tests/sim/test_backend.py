@@ -23,8 +23,25 @@ def test_registered_as_the_sim_backend():
     b = make_backend("sim")
     assert isinstance(b, SimBackend)
     d = b.describe()
-    assert d["backend"] == "sim" and d["hardware"] == "h100-80gb" == b.hardware
-    assert "not calibrated" in d["profile_status"]
+    assert d["backend"] == "sim" and d["hardware"] == "2x-rtx3090" == b.hardware  # the default profile
+    assert d["gpus"] == 2 and d["gpu"] == "NVIDIA GeForce RTX 3090" and d["gpu_memory_gib"] == 23.69
+    assert d["profile_status"] == "modelled"
+    assert b.headline().startswith("simulated 2x-rtx3090: 2x NVIDIA GeForce RTX 3090") and "modelled" in b.headline()
+    h100 = make_backend("sim", profile="h100-80gb").describe()
+    assert (h100["hardware"], h100["gpus"], h100["profile_status"]) == ("h100-80gb", 1, "measured")
+
+
+def test_identity_and_cache_key_follow_every_number_of_the_profile():
+    one, two = SimBackend("h100-80gb"), SimBackend("h100-80gb", gpus=2)
+    assert two.profile.gpus == 2 and two.describe()["gpus"] == 2
+    assert one.identity() == {"hardware": "h100-80gb", "profile_digest": one.profile_digest(), "gpus": 1,
+                              "noise": 0.0}
+    assert two.identity()["gpus"] == 2 and two.profile_digest() != one.profile_digest()
+    assert two.cache_key() != one.cache_key() != SimBackend("h100-80gb", noise=0.1).cache_key()
+    assert SimBackend("h100-80gb", gpus=1).identity() == one.identity()
+    assert SimBackend("h200").profile_digest() != one.profile_digest()
+    with pytest.raises(UserError, match="--gpus must be at least 1"):
+        SimBackend("h100-80gb", gpus=0)
 
 
 def test_same_seed_same_result_and_noise_follows_the_seed():
@@ -62,11 +79,22 @@ def test_memory_that_cannot_hold_the_weights_crashes_the_trial(backend):
     assert result.crashed and "out of memory" in result.error
 
 
-def test_a_trainer_process_beside_a_greedy_server_runs_out_of_memory(backend):
+def test_a_greedy_server_is_lowered_to_leave_the_trainer_its_copy_and_says_so(backend):
+    # 0.9 x 79.18 GiB for vLLM leaves 7.9 GiB: not the trainer's 16.9 (its own 15 GiB of weights)
     spec = spec_for("vllm-torchtune", workload=W)
     spec = replace(spec, policy=replace(spec.policy, gpu_memory_utilization=0.9))
     result = backend.run_trial(spec)
-    assert result.crashed and "trainer" in result.error
+    assert not result.crashed and result.serving.completed == len(W)
+    assert any(n.startswith("vLLM's memory lowered from 0.9 to 0.79 of 79.2 GiB per GPU") for n in result.notes)
+    plain = backend.run_trial(spec_for("vllm-torchtune", workload=W))  # 0.45: fits as it is
+    assert not any("lowered" in n for n in plain.notes)
+
+
+def test_one_24gb_gpu_cannot_hold_the_server_and_the_trainers_copy():
+    result = SimBackend(gpus=1).run_trial(spec_for("vllm-torchtune", workload=W))  # 1 RTX 3090
+    assert result.crashed and "out of memory" in result.error and "trainer 16.9 GiB" in result.error
+    two = SimBackend().run_trial(spec_for("vllm-torchtune", workload=W))  # the default: 2 of them
+    assert not two.crashed and two.serving.completed == len(W)
 
 
 def test_failed_requests_are_counted_not_raised(backend):

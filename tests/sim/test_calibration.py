@@ -2,12 +2,16 @@
 
 import pytest
 
-from autotune.sim.calibration import POINTS, simulate_points
+from autotune.sim.calibration import CALIBRATION_PROFILE, POINTS, simulate_points
 
 
 @pytest.fixture(scope="module")
-def rows(backend):
-    return simulate_points(backend)
+def rows():
+    return simulate_points()  # by default on the profile the points were measured on
+
+
+def test_the_points_were_measured_on_the_h100():
+    assert CALIBRATION_PROFILE == "h100-80gb"
 
 
 @pytest.mark.parametrize("index", range(len(POINTS)), ids=[f"{p.name}:{p.metric}" for p in POINTS])

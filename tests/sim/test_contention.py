@@ -5,7 +5,7 @@ import pytest
 from autotune.sim.contention import Contention
 from autotune.sim.profile import load_profile
 
-MPS = load_profile().mps
+MPS = load_profile("h100-80gb").mps  # the profile whose probes these are
 
 
 def test_thread_percentage_caps_the_trainer_speed():

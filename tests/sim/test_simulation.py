@@ -10,7 +10,7 @@ from autotune.trial import TrialKind
 
 from .helpers import MODEL, poisson_workload, spaced_workload, spec_for
 
-PROFILE = load_profile()
+PROFILE = load_profile("h100-80gb")
 FRONTEND_S = PROFILE.serving.frontend_delay_ms / 1000
 
 
@@ -149,3 +149,32 @@ def test_serving_alone_reference_has_no_deferral_gate(backend):
     w = spaced_workload(5, 2.0)
     ref = backend.run_trial(spec_for("fineinfer", {"defer_s": 0.5}, w, kind=TrialKind.SERVING_ALONE))
     assert ref.serving.ttft.p99_ms < 100
+
+
+# -- the default profile at the default rate ----------------------------------------------
+
+def test_on_the_default_hardware_llmstations_pauses_decide_whether_fig8a_meets_the_papers_slo():
+    """fig8a's rate on 2x-rtx3090 is where the knobs bind: long pauses after every
+    tasklet meet 500 ms / 50 ms, the artifact's example (every 8 tasklets, 5 ms) does not."""
+    from autotune.figures import get_figure
+    from autotune.sim import SimBackend
+    from autotune.slo import SloSpec, constraint_margins, feasible, resolve
+    from autotune.systems import get_system
+    from autotune.workloads.build import WorkloadOptions, build_workload
+
+    fig, backend = get_figure("fig8a"), SimBackend()
+    rate, hardware = fig.default_rate(backend.hardware)
+    assert (backend.hardware, hardware, rate) == ("2x-rtx3090", "2x-rtx3090", 7.0)
+    w = build_workload(WorkloadOptions(arrivals=fig.arrivals, rate_req_s=rate, seed=0,
+                                       num_prompts=fig.prompts(rate, get_system("llmstation").prompts_per_rate)))
+    assert len(w) == 1400
+    slo = resolve(SloSpec(), None, MODEL)
+    assert (slo.ttft_p99_ms, slo.tpot_p99_ms) == (500.0, 50.0)
+    results = {n: backend.run_trial(spec_for("llmstation", llmstation(n, wait), w, warmup_s=0.0))
+               for n, wait in ((1, 0.05), (8, 0.005))}
+    margins = {n: constraint_margins(r, slo) for n, r in results.items()}
+    assert feasible(margins[1]), margins[1]  # P99 TTFT ~430 ms, TPOT ~44 ms
+    assert not feasible(margins[8]), margins[8]  # ~564 ms, ~58 ms
+    assert margins[8]["tpot_p99"] > 0.05  # not by a hair
+    # the price of meeting it: the trainer sleeps
+    assert results[1].peft.peft_samples_per_s < 0.5 * results[8].peft.peft_samples_per_s
