@@ -21,8 +21,8 @@ class SimBackend(Backend):
     """Runs trials on a discrete-event model of the server, the trainer and
     the sharing policy, with costs from a profile (``autotune/sim/profiles``).
 
-    ``profile``: a packaged hardware profile's name (``--hardware``) or a TOML
-    file (``--profile``); ``gpus``: override the profile's GPU count
+    ``profile``: a packaged hardware profile's name (``--hardware``), a TOML
+    file (``--profile``) or a ``Profile`` (a fit in progress); ``gpus``: override the profile's GPU count
     (``--gpus``). ``noise``: relative standard deviation of a multiplicative
     lognormal on every iteration and tasklet-segment time (0: exact); drawn
     from a generator seeded with ``spec.seed + seed_offset``, so a trial is
@@ -31,11 +31,11 @@ class SimBackend(Backend):
 
     name = "sim"
 
-    def __init__(self, profile: str | Path | None = None, noise: float = 0.0, seed_offset: int = 0,
+    def __init__(self, profile: str | Path | Profile | None = None, noise: float = 0.0, seed_offset: int = 0,
                  gpus: int | None = None) -> None:
         if not 0.0 <= noise < 1.0:
             raise UserError(f"simulator noise must be in [0, 1), got {noise:g}")
-        self.profile: Profile = load_profile(profile)
+        self.profile: Profile = profile if isinstance(profile, Profile) else load_profile(profile)
         if gpus is not None:
             self.profile = self.profile.with_gpus(gpus)
         self.noise = float(noise)

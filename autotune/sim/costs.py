@@ -148,7 +148,7 @@ class ServingCostModel:
                  + 2 * s.head_params * sampled_seqs
                  + s.attn_flops_per_pair * (decode_context_tokens + prefill_attn_pairs))
         compute_s = flops / self._flops_per_s * (1.0 + self.cfg.nongemm_compute_fraction)
-        fixed_ms = self.cfg.iteration_overhead_ms
+        fixed_ms = self.cfg.iteration_overhead_ms + self.cfg.seq_overhead_ms * sampled_seqs
         if adapters:
             fixed_ms += self.cfg.lora_batch_overhead_ms + adapters * self.cfg.lora_per_adapter_ms
         return IterationCost(memory_s, compute_s, fixed_ms / 1000.0 + float(self.tp_comm_s(tokens, sampled_seqs)))
@@ -172,7 +172,7 @@ class ServingCostModel:
         flops = ((s.linear_flops_per_token + 2 * s.head_params) * decode_count
                  + s.attn_flops_per_pair * ctx)
         compute_s = flops / self._flops_per_s * (1.0 + self.cfg.nongemm_compute_fraction)
-        fixed_ms = self.cfg.iteration_overhead_ms
+        fixed_ms = self.cfg.iteration_overhead_ms + self.cfg.seq_overhead_ms * decode_count
         if adapters:
             fixed_ms += self.cfg.lora_batch_overhead_ms + adapters * self.cfg.lora_per_adapter_ms
         gpu = smooth_max(memory_s * memory_stretch, compute_s * compute_stretch,

@@ -72,6 +72,7 @@ class Serving:
     block_size_tokens: int  # KV-cache block (paged attention)
     activation_reserve_gib: float  # per GPU: vLLM's activation peak, CUDA graphs, non-torch memory
     iteration_overhead_ms: float  # fixed cost of every iteration (scheduling, sampling, launches)
+    seq_overhead_ms: float  # host cost per request in the batch (scheduling, sampling, output processing)
     nongemm_compute_fraction: float  # norms, rotary, activations: extra on the compute time
     frontend_delay_ms: float  # send -> the engine sees the request (HTTP, API server, IPC)
     lora_batch_overhead_ms: float  # a batch with any LoRA adapter (punica kernels)

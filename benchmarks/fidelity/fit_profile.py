@@ -1,0 +1,76 @@
+"""Fit a profile's host-side numbers to GPU reference runs (none of the held-out rows).
+
+    python -m benchmarks.fidelity.fit_profile --gpu benchmarks/results/fidelity/h200-gpu-rows.json \\
+        --base h200-datasheet --trainer-alone-samples-per-s 4.74
+
+Targets: every serving-alone reference of the rows file (P50 TTFT and P50
+TPOT: the P99s are what the rows are scored on) and, if given, the trainer's
+samples/s alone. Fitted: the API server's delay, the engine's per-iteration
+and per-request host costs, and one scale on the trainer's host times. Prints
+the fitted numbers (for the profile's TOML) and the residuals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+_REPO = Path(__file__).resolve().parents[2]
+if str(_REPO) not in sys.path:
+    sys.path.insert(0, str(_REPO))
+
+from autotune.sim.backend import SimBackend  # noqa: E402
+from autotune.sim.fit import Param, Target, fit  # noqa: E402
+from autotune.trial import TrialKind  # noqa: E402
+from benchmarks.fidelity.rows import RowsFile, spec_for  # noqa: E402
+
+PARAMS = (
+    Param("frontend delay", ("serving.frontend_delay_ms",), 2.0, 40.0),
+    Param("iteration overhead", ("serving.iteration_overhead_ms",), 0.2, 4.0),
+    Param("per-request overhead", ("serving.seq_overhead_ms",), 0.0, 0.15),
+    Param("trainer host time scale", ("trainer.host_embed_ms", "trainer.host_layer_forward_ms",
+                                      "trainer.host_head_loss_ms", "trainer.host_layer_backward_ms",
+                                      "trainer.host_optimizer_ms"), 0.2, 1.5, scale=True),
+)
+
+
+def targets(rows: RowsFile, trainer_alone: float | None) -> list[Target]:
+    out = []
+    settings = rows.settings_list()
+    for ref in rows.references:
+        if ref.get("kind") != "serving_alone" or ref.get("error"):
+            continue
+        setting = next(s for s in settings if s.system == ref["system"] and s.figure == ref["figure"]
+                       and s.rate_req_s == ref["rate_req_s"])
+        spec = spec_for(setting, TrialKind.SERVING_ALONE, 0)
+        name = f"serving alone {ref['system']} {ref['figure']} {ref['rate_req_s']:g} req/s"
+        out += [Target(name, spec, "ttft_p50_ms", ref["ttft_p50_ms"]),
+                Target(name, spec, "tpot_p50_ms", ref["tpot_p50_ms"], weight=2.0)]
+    if trainer_alone is not None:
+        spec = spec_for(settings[0], TrialKind.TRAINER_ALONE, 0)
+        out.append(Target("trainer alone", spec, "peft_samples_per_s", trainer_alone, weight=2.0))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gpu", type=Path, required=True, help="rows file of benchmarks/gpu/fidelity.py")
+    ap.add_argument("--base", default="h200-datasheet", help="profile whose other numbers stay")
+    ap.add_argument("--trainer-alone-samples-per-s", type=float, default=None)
+    args = ap.parse_args(argv)
+    base = SimBackend(args.base).profile
+
+    def run(profile, spec):
+        return SimBackend(profile).run_trial(spec)
+
+    result = fit(base, targets(RowsFile.load(args.gpu), args.trainer_alone_samples_per_s), PARAMS, run, sweeps=5)
+    print(f"fitted on {len(result.targets)} measurements; loss {result.loss:.4f}")
+    for key, value in result.fields.items():
+        print(f"{key} = {value:.4g}")
+    for name, r in result.residuals.items():
+        print(f"  {name}: {r:+.1%}")
+
+
+if __name__ == "__main__":
+    main()
