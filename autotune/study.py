@@ -449,7 +449,18 @@ def run_trials(ctx: StudyContext, n_trials: int, observer: StudyObserver) -> Non
     def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         observer.on_trial_end(ctx, trial)
 
-    study.optimize(objective, n_trials=n_trials, callbacks=[callback], catch=(), gc_after_trial=False)
+    try:
+        study.optimize(objective, n_trials=n_trials, callbacks=[callback], catch=(), gc_after_trial=False)
+    finally:
+        record_backend(ctx)
+
+
+def record_backend(ctx: StudyContext) -> None:
+    """The backend's description once trials ran: what it knows only then (the
+    GPU backend's server flags) joins what ``prepare`` stored."""
+    config = dict(ctx.study.user_attrs.get("config", {}))
+    config["backend"] = ctx.backend.describe()
+    ctx.study.set_user_attr("config", config)
 
 
 def _suggest(trial: optuna.Trial, knob) -> float:

@@ -17,7 +17,9 @@ FSDP2 ranks, one per GPU, on GPUs 0..N-1 (``autotune.gpu.distributed``); the
 MPS daemon, started without ``CUDA_VISIBLE_DEVICES`` of its own, serves every
 GPU its clients see, and server and ranks all get its pipe and log folders.
 ``gpu_mem_gb=G`` (``--gpu-mem-gb``) holds each GPU to G GiB the way the
-artifact's 24 GB GPUs were (``memory_budget``).
+artifact's 24 GB GPUs were. How each GPU's memory is split between server and
+trainer is the simulator's plan too (``autotune.memory``): vLLM gets the
+plan's budget, and under ``--gpu-mem-gb`` the trainer is capped at the rest.
 """
 
 from __future__ import annotations
@@ -36,17 +38,16 @@ from typing import Any
 
 from autotune.backends._base import Backend, ProgressFn, no_progress
 from autotune.errors import TrialCrash, UserError
+from autotune.memory import MemoryPlan, plan_for_trial
 from autotune.metrics import peft_metrics, serving_metrics
 from autotune.models import ModelConfig
-from autotune.policy import Preemption, SharingPolicy
+from autotune.policy import Preemption
 from autotune.trial import TrialKind, TrialResult, TrialSpec
 
 TRAINER_READY_TIMEOUT_S = 600.0  # build, load and warm up the trainer
 TRAINER_STOP_TIMEOUT_S = 60.0  # a step of a large model, then exit
 TRAINER_ALONE_WINDOW_S = 30.0  # measurement window of trainer-alone trials
 _POLL_S = 0.1
-_GIB = 2**30
-WEIGHT_BYTES = 2  # bf16, per parameter
 
 
 def _nvidia_smi_gpus() -> list[tuple[str, int]]:
@@ -81,70 +82,22 @@ def visible_gpus(nvidia_smi_count: int, env: Mapping[str, str]) -> int:
     return len([d for d in devices.split(",") if d.strip()])
 
 
+#: GPUs with a packaged simulator profile and figure rates of their own: slug -> profile name.
+KNOWN_HARDWARE = {"h100-80gb": "h100-80gb", "h200-140gb": "h200", "h200-141gb": "h200"}
+
+
 def hardware_profile(name: str, memory_mib: int, gpus: int = 1, gpu_mem_gb: float | None = None) -> str:
     """A short profile name: "NVIDIA H100 80GB HBM3" -> "h100-80gb"; held to
-    24 GiB on 2 GPUs: "h100-24gb-x2"."""
+    24 GiB on 2 GPUs: "h100-24gb-x2". A GPU with a packaged profile (one
+    whole H100 or H200) gets that profile's name, so figures use its rates."""
     gb = round(gpu_mem_gb) if gpu_mem_gb is not None else round(memory_mib / 1024)
     short = name.replace("NVIDIA", "").replace("GeForce", "")
     model = re.search(r"\b([A-Z]+\d+[A-Za-z]*)\b", short)
     slug = (model.group(1) if model else re.sub(r"\W+", "-", short).strip("-")).lower()
     profile = f"{slug}-{gb}gb" if gb else slug
+    if gpus == 1 and gpu_mem_gb is None and profile in KNOWN_HARDWARE:
+        return KNOWN_HARDWARE[profile]
     return f"{profile}-x{gpus}" if gpus > 1 else profile
-
-
-@dataclass(frozen=True)
-class MemoryBudget:
-    """What each GPU gives the server and the trainer under ``--gpu-mem-gb``."""
-
-    server_gpu_memory_utilization: float  # vLLM's --gpu-memory-utilization: of the GPU's whole memory
-    trainer_memory_fraction: float | None  # torch.cuda.set_per_process_memory_fraction; None: no cap
-    server_gib: float | None = None  # per GPU
-    trainer_gib: float | None = None  # per GPU
-
-
-def trainer_inside_engine(policy: SharingPolicy) -> bool:
-    """FineInfer and LLMStation fine-tune inside the serving engine (DESIGN.md):
-    one copy of the weights serves and trains. Ours is a separate trainer
-    process with its own copy: the systems that stop for inference."""
-    return policy.preemption is not Preemption.NONE
-
-
-def memory_budget(system_fraction: float, gpu_mem_gb: float | None, gpu_memory_mib: int,
-                  weights_gib_per_gpu: float, trainer_inside_engine: bool) -> MemoryBudget:
-    """Each GPU held to ``gpu_mem_gb`` GiB (the artifact's 24), split as the
-    artifact splits it: the server gets the system's fraction f of G (vLLM's
-    flag is a fraction of the whole GPU: f x G / GPU memory), the trainer the
-    other (1 - f) x G. Where the artifact's trainer lives inside the serving
-    engine (``trainer_inside_engine``), its weights are the server's; our
-    trainer's own copy of them (``weights_gib_per_gpu``, 1/N of the model's
-    bf16 weights) comes on top of (1 - f) x G, so that the server's KV cache and
-    the trainer's activations get the artifact's room. ``gpu_mem_gb`` None:
-    the system's fraction of the whole GPU, the trainer uncapped (as before).
-    An impossible budget is a UserError."""
-    if gpu_mem_gb is None:
-        return MemoryBudget(system_fraction, None)
-    total_gib = gpu_memory_mib / 1024
-    if not 0 < gpu_mem_gb <= total_gib:
-        raise UserError(f"--gpu-mem-gb {gpu_mem_gb:g} is not in (0, {total_gib:.1f}], the GPU's memory in GiB")
-    server_gib = system_fraction * gpu_mem_gb
-    if server_gib <= weights_gib_per_gpu:
-        raise UserError(f"--gpu-mem-gb {gpu_mem_gb:g} leaves the vLLM server {server_gib:.1f} GiB per GPU, "
-                        f"not more than the model's {weights_gib_per_gpu:.1f} GiB of weights per GPU")
-    trainer_gib = (1 - system_fraction) * gpu_mem_gb
-    if trainer_inside_engine:
-        trainer_gib += weights_gib_per_gpu
-    elif trainer_gib <= weights_gib_per_gpu:
-        raise UserError(f"--gpu-mem-gb {gpu_mem_gb:g} leaves the trainer {trainer_gib:.1f} GiB per GPU, "
-                        f"not more than the model's {weights_gib_per_gpu:.1f} GiB of weights per GPU")
-    if server_gib + trainer_gib > total_gib:
-        raise UserError(f"--gpu-mem-gb {gpu_mem_gb:g} needs {server_gib + trainer_gib:.1f} GiB per GPU with the "
-                        f"trainer's own copy of the weights; the GPU has {total_gib:.1f} GiB")
-    return MemoryBudget(server_gib / total_gib, trainer_gib / total_gib, server_gib, trainer_gib)
-
-
-def weights_gib_per_gpu(model: ModelConfig, gpus: int) -> float:
-    """The model's bf16 weights on each GPU, sharded over ``gpus`` (tensor parallel or FSDP)."""
-    return model.num_params * WEIGHT_BYTES / gpus / _GIB
 
 
 class GpuBackend(Backend):
@@ -265,9 +218,10 @@ class GpuBackend(Backend):
             write_model_folder(model, folder, tokenizer=True)
         return folder, False
 
-    def _memory(self, spec: TrialSpec) -> MemoryBudget:
-        return memory_budget(spec.policy.gpu_memory_utilization, self.gpu_mem_gb, self._gpu_mem_mib,
-                             weights_gib_per_gpu(spec.model, self.gpus), trainer_inside_engine(spec.policy))
+    def _memory(self, spec: TrialSpec) -> MemoryPlan:
+        """The trial's per-GPU plan (``TrialCrash`` "out of memory" where nothing fits)."""
+        return plan_for_trial(spec, gpus=self.gpus, gpu_memory_gib=self._gpu_mem_mib / 1024,
+                              budget_gib=self.gpu_mem_gb)
 
     def _server(self, spec: TrialSpec):
         from autotune.gpu.modelfiles import write_lora_adapters
@@ -354,6 +308,7 @@ class GpuBackend(Backend):
         trial_dir.mkdir(parents=True, exist_ok=True)
         notes = () if self.use_mps or not spec.policy.mps else ("MPS off (--no-mps)",)
         try:
+            notes += self._memory(spec).notes  # the plan's changes, e.g. a lowered server budget
             result = self._run(spec, trial_dir, progress)
         except TrialCrash as e:
             return TrialResult.crash(str(e), wall_s=time.monotonic() - t0)

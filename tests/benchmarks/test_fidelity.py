@@ -239,7 +239,7 @@ def test_spec_for_matches_a_prepared_study(tmp_path):
 
 def test_h200_settings_plan_is_server_friendly():
     settings = rows.load_settings(H200_SETTINGS)
-    assert len(settings) == 9 and all(s.trial_seconds == 20 and s.model == "llama-3.1-8b" for s in settings)
+    assert len(settings) == 9 and all(s.trial_seconds == 15 and s.model == "llama-3.1-8b" for s in settings)
     steps = plan(settings, runs=2)
     assert sum(st.kind is TrialKind.COLOCATED for st in steps) == 18
     servers = [rows.server_key(st.setting) for st in steps]

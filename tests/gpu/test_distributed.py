@@ -23,14 +23,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("torchtune")
 
 from autotune.errors import UserError  # noqa: E402
-from autotune.gpu.backend import (  # noqa: E402
-    _trainer_failure,
-    hardware_profile,
-    memory_budget,
-    trainer_inside_engine,
-    visible_gpus,
-    weights_gib_per_gpu,
-)
+from autotune.errors import TrialCrash  # noqa: E402
+from autotune.gpu.backend import GpuBackend, _trainer_failure, hardware_profile, visible_gpus  # noqa: E402
+from autotune.memory import plan_for_trial  # noqa: E402
 from autotune.gpu.distributed import RankInfo, TrainerRanks, rank_env, rank_path  # noqa: E402
 from autotune.gpu.procs import ProcessRegistry, is_alive  # noqa: E402
 from autotune.gpu.trainer import EXIT_OOM, TrainerConfig, build_model, read_iteration_log, trainer_command  # noqa: E402
@@ -308,71 +303,55 @@ H200_MIB = 143771  # 140.4 GiB
 LLAMA8B = PRESETS["llama-3.1-8b"]
 
 
-def test_gpu_mem_gb_splits_the_artifacts_24_gib() -> None:
-    w = weights_gib_per_gpu(LLAMA8B, 2)
-    assert w == pytest.approx(LLAMA8B.num_params * 2 / 2 / 2**30) and 7.4 < w < 7.6
-    total = H200_MIB / 1024
-    # vllm-torchtune, chunked: 0.45 of 24 GiB to the server, the rest (with its weights) to the trainer
-    b = memory_budget(0.45, 24.0, H200_MIB, w, trainer_inside_engine=False)
-    assert b.server_gpu_memory_utilization == pytest.approx(0.45 * 24 / total)
-    assert b.trainer_memory_fraction == pytest.approx(0.55 * 24 / total)
-    assert (b.server_gib, b.trainer_gib) == pytest.approx((10.8, 13.2))
-    # fineinfer, llmstation: the artifact's trainer shares the server's weights; ours brings its own copy
-    b = memory_budget(0.75, 24.0, H200_MIB, w, trainer_inside_engine=True)
-    assert b.server_gib == pytest.approx(18.0) and b.trainer_gib == pytest.approx(6.0 + w)
-    assert b.trainer_memory_fraction == pytest.approx((6.0 + w) / total)
-    # no --gpu-mem-gb: the system's fraction of the whole GPU, trainer uncapped (as before)
-    assert memory_budget(0.45, None, H200_MIB, w, False) == memory_budget(0.45, None, 1, 99.0, True)
-    assert memory_budget(0.45, None, H200_MIB, w, False).trainer_memory_fraction is None
+def _gpu_backend(gpus: int, gpu_mem_gb: float | None) -> GpuBackend:
+    """The backend's memory planning without a GPU: only what ``_memory`` reads."""
+    backend = object.__new__(GpuBackend)
+    backend.gpus, backend.gpu_mem_gb, backend._gpu_mem_mib = gpus, gpu_mem_gb, H200_MIB
+    return backend
 
 
-def test_which_systems_train_inside_the_engine() -> None:
+def _spec(system: str):
     from autotune.systems import get_system
+    from autotune.trial import TrialKind, TrialSpec
+    from autotune.workloads.spec import RequestSpec, Workload
 
-    inside = {name: trainer_inside_engine(get_system(name).policy(get_system(name).default_params()))
-              for name in ("vllm-torchtune", "chunked", "fineinfer", "llmstation")}
-    assert inside == {"vllm-torchtune": False, "chunked": False, "fineinfer": True, "llmstation": True}
+    sys_ = get_system(system)
+    workload = Workload((RequestSpec(0.0, 200, 200),), 1.0, 0, True, "one request")
+    return TrialSpec(TrialKind.COLOCATED, system, sys_.default_params(), sys_.policy(sys_.default_params()),
+                     LLAMA8B, workload, 0)
 
 
-@pytest.mark.parametrize("gb, fraction, inside, words", [
-    (200.0, 0.45, False, "not in (0, 140.4]"),  # more than the GPU has
-    (0.0, 0.45, False, "not in (0, 140.4]"),
-    (16.0, 0.45, False, "leaves the vLLM server 7.2 GiB per GPU"),  # 0.45 x 16 < 7.5 GiB of weights
-    (14.0, 0.75, False, "leaves the trainer 3.5 GiB per GPU"),
-    (140.0, 0.75, True, "needs 147.5 GiB per GPU"),  # the trainer's own weights do not fit beside
-])
-def test_impossible_gpu_mem_gb_is_a_one_line_user_error(gb, fraction, inside, words) -> None:
-    with pytest.raises(UserError, match=r"^--gpu-mem-gb") as e:
-        memory_budget(fraction, gb, H200_MIB, weights_gib_per_gpu(LLAMA8B, 2), inside)
-    assert words in str(e.value) and "\n" not in str(e.value)
+def test_gpu_mem_gb_budgets_come_from_the_shared_memory_plan() -> None:
+    total = H200_MIB / 1024
+    for system in ("vllm-torchtune", "llmstation"):
+        spec = _spec(system)
+        plan = _gpu_backend(2, 24.0)._memory(spec)
+        assert plan == plan_for_trial(spec, gpus=2, gpu_memory_gib=total, budget_gib=24.0)  # the simulator's too
+        assert plan.server_gib + plan.trainer_cap_gib == pytest.approx(24.0)
+        assert plan.trainer_memory_fraction == pytest.approx(plan.trainer_cap_gib / total)
+    # vllm-torchtune keeps the artifact's 0.45 of 24 GiB; llmstation's 0.75 is lowered for the trainer's copy
+    assert _gpu_backend(2, 24.0)._memory(_spec("vllm-torchtune")).server_gib == pytest.approx(0.45 * 24.0)
+    lowered = _gpu_backend(2, 24.0)._memory(_spec("llmstation"))
+    assert lowered.server_gib < 0.75 * 24.0 and "lowered from 0.75" in lowered.notes[0]
+    # no --gpu-mem-gb: the system's fraction of the whole GPU, trainer uncapped
+    whole = _gpu_backend(1, None)._memory(_spec("llmstation"))
+    assert whole.server_gpu_memory_utilization == pytest.approx(0.75) and whole.trainer_memory_fraction is None
+
+
+def test_a_budget_too_small_for_server_and_trainer_is_an_out_of_memory_crash() -> None:
+    with pytest.raises(TrialCrash, match="^out of memory") as e:
+        _gpu_backend(1, 16.0)._memory(_spec("vllm-torchtune"))  # 16 GiB of weights alone on one GPU
+    assert "\n" not in str(e.value)
 
 
 def test_hardware_names_gpus_and_memory_budget() -> None:
-    assert hardware_profile("NVIDIA H200", H200_MIB) == "h200-140gb"
+    assert hardware_profile("NVIDIA H200", H200_MIB) == "h200"  # a packaged profile's name: its figure rates
+    assert hardware_profile("NVIDIA H100 80GB HBM3", 81559) == "h100-80gb"
+    assert hardware_profile("NVIDIA GeForce RTX 4090", 24564) == "rtx-4090-24gb"
     assert hardware_profile("NVIDIA H200", H200_MIB, gpus=2) == "h200-140gb-x2"
     assert hardware_profile("NVIDIA H200", H200_MIB, gpus=2, gpu_mem_gb=24.0) == "h200-24gb-x2"
     assert visible_gpus(8, {}) == 8 and visible_gpus(8, {"CUDA_VISIBLE_DEVICES": "2,3"}) == 2
     assert visible_gpus(8, {"CUDA_VISIBLE_DEVICES": ""}) == 0
-
-
-def test_cli_gpus_on_the_simulator_is_a_user_error(tmp_path: Path) -> None:
-    from typer.testing import CliRunner
-
-    from autotune.cli import app
-
-    runner = CliRunner(env={"FORCE_COLOR": None, "TTY_COMPATIBLE": None, "TTY_INTERACTIVE": None})
-    for extra, words in ((["--gpus", "2"], "the simulator models one GPU"),
-                         (["--gpu-mem-gb", "24"], "--gpu-mem-gb applies to --backend gpu")):
-        result = runner.invoke(app, ["llmstation", "--trials", "1", "--num-prompts", "5", "--runs-dir",
-                                     str(tmp_path), *extra])
-        assert result.exit_code == 2, result.output
-        try:
-            err = result.stderr
-        except ValueError:
-            err = result.output
-        lines = err.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("autotune: error: ") and words in lines[0], lines
-    assert not (tmp_path / "studies.db").exists()  # refused before any study was made
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["fsdp-step"]:
