@@ -223,9 +223,12 @@ def _fmt(v: float) -> str:
 def summary_text(result: StudyResult) -> str:
     """The end-of-study answer, as the artifact would state it."""
     cfg = result.config
+    backend = cfg.get("backend", {})
     lines = [f"study {result.study_name}: {len(result.rows)} trials "
              f"({cfg.get('system')}, {cfg.get('figure')}, {cfg.get('rate_req_s', 0):g} req/s, "
-             f"{cfg.get('backend', {}).get('backend')} backend)"]
+             f"{backend.get('backend')} backend)"]
+    if backend.get("profile_status") == "modelled":  # say it where the answer is read
+        lines.append(f"hardware: {backend.get('hardware')}, modelled (not measured): {backend.get('provenance')}")
     if result.slo:
         lines.append(f"SLO: P99 TTFT <= {result.slo['ttft_p99_ms']:.1f} ms ({result.slo['ttft_basis']}), "
                      f"P99 TPOT <= {result.slo['tpot_p99_ms']:.2f} ms ({result.slo['tpot_basis']})")
