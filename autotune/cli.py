@@ -61,7 +61,7 @@ class _Group(TyperGroup):
 def _usage_message(e) -> str:
     msg = " ".join(e.format_message().split()).replace("Value error, ", "")
     if "No such command" in msg:
-        msg += f" Choose one of: {', '.join([*SYSTEMS, 'workload', 'show', 'list'])}."
+        msg += f" Choose one of: {', '.join([*SYSTEMS, 'workload', 'show', 'list', 'calibrate'])}."
     return msg
 
 
@@ -259,6 +259,67 @@ def show(
     if json_path is not None:
         write_json(result, json_path)
         print(f"results written to {json_path}")
+
+
+@app.command()
+def calibrate(
+    out: Annotated[Path, typer.Option(help="profile TOML to write (must not exist)")],
+    gpus: Annotated[int, typer.Option(min=1, help="GPUs: tensor parallel serving, one trainer rank each")] = 1,
+    model: Annotated[str, typer.Option(help="model preset or local folder")] = "llama-3.1-8b",
+    base: Annotated[Optional[str], typer.Option(help="profile giving the datasheet and the unmeasured numbers "
+                                                "(default: this GPU's packaged one)")] = None,
+    rates: Annotated[str, typer.Option(help="serving-alone rates to measure, req/s, comma-separated")] = "4,24",
+    trial_seconds: Annotated[float, typer.Option(help="traffic window of each serving run, s")] = 20.0,
+    name: Annotated[Optional[str], typer.Option(help="the profile's name (default: the file's stem)")] = None,
+    runs_dir: Annotated[Path, typer.Option(help="logs of the runs")] = Path("autotune-runs"),
+) -> None:
+    """Measure this GPU (vLLM alone at a few rates, the trainer alone) and write a simulator profile
+    whose host-side numbers are fitted to it."""
+    from autotune.backends import make_backend
+    from autotune.calibrate import fit_host_side, gpu_driver, measure, measurement_specs, profile_toml, targets_of
+    from autotune.sim.profile import load_profile, packaged_profiles
+    from autotune.study import _resolve_model
+
+    if out.exists():
+        raise UserError(f"--out {out} exists; calibrate never overwrites a profile")
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: folder {out.parent} does not exist")
+    try:
+        rates_req_s = [float(r) for r in rates.split(",") if r.strip()]
+    except ValueError:
+        raise UserError(f"--rates must be numbers separated by commas, got {rates!r}") from None
+    if not rates_req_s or not all(r > 0 for r in rates_req_s) or not trial_seconds > 0:
+        raise UserError("--rates and --trial-seconds must be positive")
+    model_config = _resolve_model(model)
+    with make_backend("gpu", runs_dir=runs_dir, gpus=gpus,
+                      model_path=Path(model) if Path(model).is_dir() else None) as backend:
+        if base is None:
+            hw = backend.hardware
+            base = next((p for p in (f"{hw}-datasheet", hw) if p in packaged_profiles()), None)
+            if base is None:
+                raise UserError(f"no packaged profile for {hw}; give --base FILE with its [datasheet]")
+        base_profile = load_profile(base).with_gpus(gpus)
+        print(f"calibrating {backend.hardware} on {model_config.name}; base profile {base}")
+        measured = measure(backend.run_trial, measurement_specs(model_config, rates_req_s, trial_seconds))
+        info = backend.describe()
+    targets = targets_of(measured)
+    if not targets:
+        raise UserError("every calibration run crashed; see the logs under --runs-dir")
+    print(f"fitting {len(targets)} measured numbers ...")
+    result = fit_host_side(base_profile, targets)
+    machine = {"gpu": info.get("gpu"), "gpus": gpus, "memory_mib": info.get("gpu_memory_mib"),
+               "driver": gpu_driver(), "cuda": info.get("cuda"), "torch": info.get("torch"), "vllm": info.get("vllm")}
+    command = " ".join(["autotune calibrate", *sys.argv[2:]]) if sys.argv[1:2] == ["calibrate"] else "autotune calibrate"
+    text = profile_toml(name or out.stem, base_profile, result, machine, measured, command)
+    try:
+        with open(out, "x", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as e:
+        print(f"autotune: error: cannot write {out}: {e.strerror}", file=sys.stderr)
+        sys.exit(1)
+    for key, value in result.fields.items():
+        print(f"  {key} = {value:.4g}")
+    print(f"profile written to {out}; use it with --profile {out}")
 
 
 @app.command(name="list")

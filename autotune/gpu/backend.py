@@ -161,6 +161,7 @@ class GpuBackend(Backend):
             "gpu_mem_gb": self.gpu_mem_gb,
             "vllm": vllm.__version__,
             "torch": torch.__version__,
+            "cuda": torch.version.cuda,
             "mps": self.use_mps,
             "vllm_args": list(self.vllm_args),
             "server_flags": self.server_flags(),

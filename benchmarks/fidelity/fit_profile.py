@@ -5,9 +5,9 @@
 
 Targets: every serving-alone reference of the rows file (P50 TTFT and P50
 TPOT: the P99s are what the rows are scored on) and, if given, the trainer's
-samples/s alone. Fitted: the API server's delay, the engine's per-iteration
-and per-request host costs, and one scale on the trainer's host times. Prints
-the fitted numbers (for the profile's TOML) and the residuals.
+samples/s alone. Fitted: what ``autotune calibrate`` fits (the API server's
+delay, the engine's per-iteration and per-request host costs, one scale on the
+trainer's host times). Prints the fitted numbers and the residuals.
 """
 
 from __future__ import annotations
@@ -20,20 +20,11 @@ _REPO = Path(__file__).resolve().parents[2]
 if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
 
+from autotune.calibrate import fit_host_side  # noqa: E402
 from autotune.sim.backend import SimBackend  # noqa: E402
-from autotune.sim.fit import Param, Target, fit  # noqa: E402
+from autotune.sim.fit import Target  # noqa: E402
 from autotune.trial import TrialKind  # noqa: E402
 from benchmarks.fidelity.rows import RowsFile, spec_for  # noqa: E402
-
-PARAMS = (
-    Param("frontend delay", ("serving.frontend_delay_ms",), 2.0, 40.0),
-    Param("iteration overhead", ("serving.iteration_overhead_ms",), 0.2, 4.0),
-    Param("per-request overhead", ("serving.seq_overhead_ms",), 0.0, 0.15),
-    Param("trainer host time scale", ("trainer.host_embed_ms", "trainer.host_layer_forward_ms",
-                                      "trainer.host_head_loss_ms", "trainer.host_layer_backward_ms",
-                                      "trainer.host_optimizer_ms"), 0.2, 1.5, scale=True),
-)
-
 
 def targets(rows: RowsFile, trainer_alone: float | None) -> list[Target]:
     out = []
@@ -61,10 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     base = SimBackend(args.base).profile
 
-    def run(profile, spec):
-        return SimBackend(profile).run_trial(spec)
-
-    result = fit(base, targets(RowsFile.load(args.gpu), args.trainer_alone_samples_per_s), PARAMS, run, sweeps=5)
+    result = fit_host_side(base, targets(RowsFile.load(args.gpu), args.trainer_alone_samples_per_s))
     print(f"fitted on {len(result.targets)} measurements; loss {result.loss:.4f}")
     for key, value in result.fields.items():
         print(f"{key} = {value:.4g}")

@@ -1,0 +1,172 @@
+"""``autotune calibrate``: a simulator profile for the GPU at hand.
+
+Measures, through the real backend, what the host side of a profile needs
+(serving alone at a few rates: the API server's delay and the engine's
+per-iteration and per-request costs; the trainer alone: its host times), fits
+those numbers with ``autotune.sim.fit`` on a base profile that gives the
+datasheet and everything else (efficiencies, the MPS contention model), and
+writes a TOML profile that says where every number came from and on what
+GPU, driver, CUDA, PyTorch and vLLM it was measured.
+
+What it does not measure yet (the base profile's numbers stand, marked as
+carried over): the GEMM and bandwidth roofline, each side's slowdown beside
+the other under MPS, and the cost of a pause.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields, replace
+from datetime import datetime, timezone
+
+from autotune.models import ModelConfig
+from autotune.policy import SAMPLE_TOKENS, Preemption
+from autotune.sim.backend import SimBackend
+from autotune.sim.fit import Fit, Param, Target, fit
+from autotune.sim.profile import MEASURED_SECTIONS, Profile
+from autotune.systems import get_system
+from autotune.trial import TrialKind, TrialResult, TrialSpec
+from autotune.workloads.build import WorkloadOptions, build_workload
+
+#: The host-side numbers a calibration fits, each in a physical range.
+HOST_PARAMS = (
+    Param("frontend delay", ("serving.frontend_delay_ms",), 2.0, 40.0),
+    Param("iteration overhead", ("serving.iteration_overhead_ms",), 0.2, 4.0),
+    Param("per-request overhead", ("serving.seq_overhead_ms",), 0.0, 0.15),
+    Param("trainer host time scale", ("trainer.host_embed_ms", "trainer.host_layer_forward_ms",
+                                      "trainer.host_head_loss_ms", "trainer.host_layer_backward_ms",
+                                      "trainer.host_optimizer_ms"), 0.2, 1.5, scale=True),
+)
+#: The server the measurements run: the artifact's vLLM + torchtune (MPS on, 0.45 of the memory).
+CALIBRATION_SYSTEM = "vllm-torchtune"
+DEFAULT_RATES_REQ_S = (4.0, 24.0)
+DEFAULT_TRIAL_SECONDS = 20.0
+
+
+@dataclass(frozen=True)
+class Measurement:
+    name: str  # "serving alone, fig8a 24 req/s"
+    spec: TrialSpec
+    metrics: tuple[str, ...]  # what of its result is fitted
+    weights: tuple[float, ...]
+
+
+def measurement_specs(model: ModelConfig, rates_req_s: Sequence[float] = DEFAULT_RATES_REQ_S,
+                      trial_seconds: float = DEFAULT_TRIAL_SECONDS, seed: int = 0) -> list[Measurement]:
+    """Serving alone on fig8a's workload (Poisson, ShareGPT-like lengths) at
+    each rate, then the trainer alone on full samples."""
+    system = get_system(CALIBRATION_SYSTEM)
+    policy = system.policy(system.default_params())
+    out = []
+    for rate in rates_req_s:
+        workload = build_workload(WorkloadOptions(arrivals="poisson", rate_req_s=rate,
+                                                  num_prompts=max(1, math.ceil(rate * trial_seconds)), seed=seed))
+        name = f"serving alone, fig8a {rate:g} req/s"
+        spec = TrialSpec(TrialKind.SERVING_ALONE, system.name, {}, policy, model, workload, seed,
+                         label=f"calibrate-serving-{rate:g}rps")
+        out.append(Measurement(name, spec, ("ttft_p50_ms", "tpot_p50_ms"), (1.0, 2.0)))
+    trainer = replace(policy, trainer_mps_active_thread_pct=100, trainer_seq_len_tokens=SAMPLE_TOKENS,
+                      preemption=Preemption.NONE)
+    spec = TrialSpec(TrialKind.TRAINER_ALONE, system.name, {}, trainer, model, None, seed,
+                     label="calibrate-trainer-alone")
+    out.append(Measurement("trainer alone", spec, ("peft_samples_per_s",), (2.0,)))
+    return out
+
+
+def targets_of(measured: Sequence[tuple[Measurement, TrialResult]]) -> list[Target]:
+    """The fit's targets: every measured number of every run that did not crash."""
+    out = []
+    for m, result in measured:
+        if result.crashed:
+            continue
+        values = result.metrics()
+        out += [Target(m.name, m.spec, k, values[k], w) for k, w in zip(m.metrics, m.weights) if values.get(k)]
+    return out
+
+
+def fit_host_side(base: Profile, targets: Sequence[Target], sweeps: int = 5) -> Fit:
+    """The host-side numbers of ``base`` fitted to ``targets`` on the simulator."""
+    return fit(base, targets, HOST_PARAMS, lambda profile, spec: SimBackend(profile).run_trial(spec), sweeps=sweeps)
+
+
+def gpu_driver() -> str:
+    """The NVIDIA driver's version, or "unknown"."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.strip().splitlines()[0] if out.strip() else "unknown"
+
+
+def profile_toml(name: str, base: Profile, result: Fit, machine: dict[str, object],
+                 measured: Sequence[tuple[Measurement, TrialResult]], command: str) -> str:
+    """A profile file: the base's datasheet (with the GPU count), its own
+    measured numbers, the fitted ones, and the rest carried over."""
+    carries = base.carries or base.name
+    d = replace(base.datasheet, name=name, gpus=int(machine.get("gpus", base.gpus)))
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        f"# Simulator profile written by `{command}` on {when}.",
+        "# Measured on: " + ", ".join(f"{k} {v}" for k, v in machine.items()),
+        "# Fitted to (measured -> simulated with the fitted numbers):",
+    ]
+    for t in targets_of(measured):
+        rel = result.residuals.get(f"{t.name}: {t.metric}")
+        lines.append(f"#   {t.name}: {t.metric} {t.value:.4g}" + (f" ({rel:+.1%})" if rel is not None else ""))
+    for m, r in measured:
+        if r.crashed:
+            lines.append(f"#   {m.name}: crashed ({r.error}); not used")
+    lines += [
+        "# Datasheet numbers are the base profile's; unmeasured numbers are carried over from it.",
+        "",
+        "[profile]",
+        f'provenance = "{d.gpu}: host-side numbers fitted by autotune calibrate; the rest from {base.name}"',
+        'status = "modelled"',
+        f'carries = "{carries}"',
+        "",
+        "[datasheet]",
+    ]
+    for f in fields(d):
+        lines.append(f"{f.name} = {_toml_value(getattr(d, f.name))}")
+    own = {k: _field(base, k) for k, how in base.field_provenance.items() if " on " not in how}
+    values = {**own, **result.fields}
+    provenance = {**{k: base.field_provenance[k] for k in own}, **{k: "fitted" for k in result.fields}}
+    for section in MEASURED_SECTIONS:
+        keys = [k for k in values if k.startswith(section + ".")]
+        if keys:
+            lines += ["", f"[{section}]"] + [f"{k.split('.', 1)[1]} = {_toml_value(values[k])}" for k in keys]
+    lines += ["", "[provenance]"] + [f'"{k}" = "{how}"' for k, how in provenance.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _field(profile: Profile, key: str) -> float:
+    section, name = key.split(".")
+    return getattr(getattr(profile, section), name)
+
+
+def _toml_value(v: object) -> str:
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, float):
+        return f"{v:.6g}" if "e" not in f"{v:.6g}" else repr(v)
+    return str(v)
+
+
+Progress = Callable[[str], None]
+
+
+def measure(run_trial: Callable[[TrialSpec], TrialResult], measurements: Sequence[Measurement],
+            progress: Progress = print) -> list[tuple[Measurement, TrialResult]]:
+    """Run every measurement; a crashed one is kept with its reason."""
+    out = []
+    for i, m in enumerate(measurements, 1):
+        progress(f"[{i}/{len(measurements)}] {m.name} ...")
+        result = run_trial(m.spec)
+        values = result.metrics()
+        got = ", ".join(f"{k} {values[k]:.4g}" for k in m.metrics if k in values)
+        progress(f"[{i}/{len(measurements)}] {m.name}: " + (f"crashed: {result.error}" if result.crashed else got))
+        out.append((m, result))
+    return out

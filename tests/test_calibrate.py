@@ -1,0 +1,83 @@
+"""autotune calibrate: measurements, the host-side fit and the profile file it writes.
+
+The "GPU" here is the simulator on a profile whose host-side numbers were set
+to known values: the fit, started from the base profile, must find them again.
+"""
+
+import pytest
+from typer.testing import CliRunner
+
+from autotune.calibrate import (
+    HOST_PARAMS,
+    fit_host_side,
+    measure,
+    measurement_specs,
+    profile_toml,
+    targets_of,
+)
+from autotune.cli import app
+from autotune.models import from_name
+from autotune.sim.backend import SimBackend
+from autotune.sim.fit import with_fields
+from autotune.sim.profile import load_profile, parse_profile
+from autotune.trial import TrialKind, TrialResult
+
+LLAMA8B = from_name("llama-3.1-8b")
+BASE = load_profile("h200-datasheet")
+TRUE = {"serving.frontend_delay_ms": 14.0, "serving.iteration_overhead_ms": 0.8,
+        "serving.seq_overhead_ms": 0.04, **{k: getattr(BASE.trainer, k.split(".")[1]) * 0.7
+                                            for k in HOST_PARAMS[3].fields}}
+
+
+@pytest.fixture(scope="module")
+def measured():
+    truth = SimBackend(with_fields(BASE, TRUE))
+    specs = measurement_specs(LLAMA8B, rates_req_s=(4.0, 24.0), trial_seconds=8.0)
+    return measure(truth.run_trial, specs, progress=lambda line: None)
+
+
+def test_measurements_are_serving_alone_at_each_rate_then_the_trainer_alone():
+    specs = measurement_specs(LLAMA8B, rates_req_s=(2.0, 8.0), trial_seconds=10.0)
+    assert [s.spec.kind for s in specs] == [TrialKind.SERVING_ALONE] * 2 + [TrialKind.TRAINER_ALONE]
+    assert [len(s.spec.workload) for s in specs[:2]] == [20, 80]
+    assert specs[0].spec.policy.mps and specs[0].spec.policy.gpu_memory_utilization == 0.45
+    assert specs[2].spec.policy.trainer_seq_len_tokens == 512 and specs[2].spec.workload is None
+    assert len({s.spec.label for s in specs}) == 3  # each run its own logs and prompts
+
+
+def test_the_fit_finds_known_host_side_numbers_again(measured):
+    result = fit_host_side(BASE, targets_of(measured), sweeps=4)
+    for key in ("serving.frontend_delay_ms", "trainer.host_layer_backward_ms"):
+        assert result.fields[key] == pytest.approx(TRUE[key], rel=0.05), key
+    assert max(abs(r) for r in result.residuals.values()) < 0.03
+    assert result.loss < 1e-3
+
+
+def test_a_crashed_measurement_is_left_out_of_the_targets(measured):
+    crashed = [(measured[0][0], TrialResult.crash("server died"))] + measured[1:]
+    names = {t.name for t in targets_of(crashed)}
+    assert measured[0][0].name not in names and "trainer alone" in names
+
+
+def test_the_written_profile_loads_and_says_where_each_number_came_from(measured, tmp_path):
+    result = fit_host_side(BASE, targets_of(measured), sweeps=1)
+    machine = {"gpu": "NVIDIA H200", "gpus": 1, "driver": "580.159.04", "torch": "2.11.0", "vllm": "0.20.0"}
+    text = profile_toml("my-h200", BASE, result, machine, measured, "autotune calibrate --out x.toml")
+    p = parse_profile(text, "my-h200.toml")
+    assert p.name == "my-h200" and p.carries == "h100-80gb" and p.status == "modelled"
+    assert p.datasheet.memory_bandwidth_gb_s == BASE.datasheet.memory_bandwidth_gb_s
+    assert p.serving.frontend_delay_ms == pytest.approx(result.fields["serving.frontend_delay_ms"], rel=1e-5)
+    assert p.field_provenance["serving.frontend_delay_ms"] == "fitted"
+    assert p.field_provenance["mps.memory_bound_loss"] == "measured on h100-80gb"  # carried, not re-measured
+    assert "580.159.04" in text and "vllm 0.20.0" in text
+
+
+def test_calibrate_refuses_to_overwrite_and_needs_the_gpu_extras(tmp_path):
+    runner = CliRunner()
+    existing = tmp_path / "mine.toml"
+    existing.write_text("keep me")
+    result = runner.invoke(app, ["calibrate", "--out", str(existing)])
+    assert result.exit_code == 2 and "exists" in result.output
+    assert existing.read_text() == "keep me"
+    result = runner.invoke(app, ["calibrate", "--out", str(tmp_path / "new.toml"), "--rates", "4,x"])
+    assert result.exit_code == 2 and "--rates" in result.output
