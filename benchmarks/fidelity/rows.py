@@ -311,10 +311,13 @@ def plan(settings: Sequence[Setting], runs: int, trainer_alone: bool = False,
 
 def run_record(run: int, result: TrialResult) -> dict[str, Any]:
     """One run as the rows file keeps it; a crash keeps its reason and null figures."""
+    return {"run": run, **_measured(result, RUN_METRICS)}
+
+
+def _measured(result: TrialResult, names: Sequence[str]) -> dict[str, Any]:
+    """The figures ``names``, the request counts, the error and the wall time of a run."""
     metrics = result.metrics()
-    rec: dict[str, Any] = {"run": run}
-    for name in RUN_METRICS:
-        rec[name] = metrics.get(name)
+    rec: dict[str, Any] = {name: metrics.get(name) for name in names}
     rec["completed"] = int(metrics["completed"]) if "completed" in metrics else None
     rec["failed"] = int(metrics["failed"]) if "failed" in metrics else None
     rec["error"] = result.error
@@ -326,7 +329,6 @@ def reference_record(step: Step, result: TrialResult, digest: str | None) -> dic
     """A reference run (serving alone, or trainer alone with ``--references``) as the rows file keeps it."""
     s = step.setting
     model, gmu, mps = server_key(s)
-    metrics = result.metrics()
     rec: dict[str, Any] = {
         "kind": step.kind.value, "key": step.reference_key, "systems": list(step.systems), "system": s.system,
         "figure": s.figure, "rate_req_s": s.rate_req_s, "num_prompts": s.num_prompts,
@@ -334,13 +336,7 @@ def reference_record(step: Step, result: TrialResult, digest: str | None) -> dic
         "server": {"gpu_memory_utilization": gmu, "mps": mps},
     }
     names = REFERENCE_METRICS if step.kind is TrialKind.SERVING_ALONE else ("peft_samples_per_s",)
-    for name in names:
-        rec[name] = metrics.get(name)
-    rec["completed"] = int(metrics["completed"]) if "completed" in metrics else None
-    rec["failed"] = int(metrics["failed"]) if "failed" in metrics else None
-    rec["error"] = result.error
-    rec["wall_s"] = result.wall_s
-    return rec
+    return {**rec, **_measured(result, names)}
 
 
 @dataclass
