@@ -92,11 +92,14 @@ def test_list_shows_the_hardware_profiles_and_their_provenance():
     lines = ok(invoke("list")).output.splitlines()
     profiles = lines[lines.index("hardware profiles (--hardware; [how many numbers of each provenance]):") + 1:]
     named = {line.split()[0]: line for line in profiles if line.startswith("  ") and line[2] != " "}
-    assert set(named) == {"2x-rtx3090", "h100-80gb", "h200"}
-    assert named["2x-rtx3090"].endswith("(default)") and "[25 carried over, 3 modelled, 2 spec]" in named["2x-rtx3090"]
-    assert "NVIDIA H100 80GB HBM3 (79.18 GiB, NVLink 4): measured [11 fitted, 6 measured, 9 modelled, 4 spec]" \
+    assert set(named) == {"2x-rtx3090", "h100-80gb", "h200", "h200-datasheet"}
+    assert named["2x-rtx3090"].endswith("(default)") and "[26 carried over, 3 modelled, 2 spec]" in named["2x-rtx3090"]
+    assert "NVIDIA H100 80GB HBM3 (79.18 GiB, NVLink 4): measured [11 fitted, 6 measured, 10 modelled, 4 spec]" \
         in named["h100-80gb"]
-    assert "modelled; measured sections carried over from h100-80gb [30 carried over]" in named["h200"]
+    assert "NVIDIA H200 (139.8 GiB, NVLink 4): modelled; measured sections carried over from h100-80gb " \
+        "[23 carried over, 8 fitted]" in named["h200"]
+    assert "NVIDIA H200 (139.8 GiB, NVLink 4): modelled; measured sections carried over from h100-80gb " \
+        "[31 carried over]" in named["h200-datasheet"]
 
 
 def test_end_to_end_json(base):

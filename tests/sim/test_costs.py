@@ -5,6 +5,7 @@ from autotune.models import from_name
 from autotune.sim.costs import (
     ServingCostModel, Shapes, TrainerCostModel, ring_all_gather_s, ring_all_reduce_s, smooth_max,
 )
+from autotune.sim.fit import with_fields
 from autotune.sim.profile import load_profile
 from autotune.sim.simulation import Simulation
 from autotune.sim.trainer import plan_segments
@@ -50,6 +51,56 @@ def test_bulk_decode_run_matches_iteration_by_iteration():
     one_by_one = [m.duration_s(m.iteration(16, 16 * 300 + 16 * k, 0, 0, 16), 1.2, 1.1) for k in range(50)]
     np.testing.assert_allclose(run, one_by_one, rtol=1e-9)
     assert run[-1] > run[0]  # the KV cache grows
+
+
+# h100-80gb with a per-request host cost (its own is 0): 0.05 ms per request sampled in an iteration.
+SEQ = with_fields(PROFILE, {"serving.seq_overhead_ms": 0.05})
+
+
+def test_seq_overhead_adds_its_cost_per_sampled_request_to_the_fixed_time():
+    assert (PROFILE.serving.seq_overhead_ms, SEQ.serving.seq_overhead_ms) == (0.0, 0.05)
+    base, seq = ServingCostModel(LLAMA8B, PROFILE), ServingCostModel(LLAMA8B, SEQ)
+    # 8 decodes + 2 prefill chunks, one of them sampled: 9 sampled requests -> 1.24 + 0.05 x 9 = 1.69 ms
+    args = dict(decode_count=8, decode_context_tokens=8 * 300, prefill_tokens=300, prefill_attn_pairs=300 * 150)
+    a, b = base.iteration(**args, sampled_seqs=9), seq.iteration(**args, sampled_seqs=9)
+    assert a.fixed_s == pytest.approx(1.24e-3, rel=1e-12)
+    assert b.fixed_s == pytest.approx(1.69e-3, rel=1e-12)
+    assert (b.memory_s, b.compute_s) == (a.memory_s, a.compute_s)  # host time only: nothing on the GPU
+    assert seq.duration_s(b) - base.duration_s(a) == pytest.approx(0.45e-3, rel=1e-9)
+    # per *sampled* request: the decode count alone does not change it
+    assert seq.iteration(**args, sampled_seqs=1).fixed_s == pytest.approx(1.29e-3, rel=1e-12)
+    assert seq.iteration(**{**args, "decode_count": 2}, sampled_seqs=9).fixed_s == pytest.approx(1.69e-3, rel=1e-12)
+    # beside the LoRA costs: 1.24 + 0.05 x 9 + 0.5 (any adapter) + 3 x the per-adapter cost
+    lora = ServingCostModel(LLAMA8B, SEQ, lora_rank=8).iteration(**args, sampled_seqs=9, adapters=3)
+    sv = SEQ.serving
+    assert lora.fixed_s == pytest.approx((1.69 + sv.lora_batch_overhead_ms + 3 * sv.lora_per_adapter_ms) / 1000,
+                                         rel=1e-12)
+    # two GPUs: the tensor-parallel collectives on top, unchanged
+    two = ServingCostModel(LLAMA8B, SEQ.with_gpus(2))
+    assert two.iteration(**args, sampled_seqs=9).fixed_s == pytest.approx(1.69e-3 + two.tp_comm_s(308, 9), rel=1e-12)
+
+
+def test_seq_overhead_adds_its_cost_per_decode_to_every_step_of_a_decode_run():
+    base, seq = ServingCostModel(LLAMA8B, PROFILE), ServingCostModel(LLAMA8B, SEQ)
+    args = dict(decode_count=16, context_tokens=16 * 300, steps=40, adapters=0, memory_stretch=1.2,
+                compute_stretch=1.1)
+    extra = seq.decode_run_s(**args) - base.decode_run_s(**args)
+    np.testing.assert_allclose(extra, np.full(40, 0.05 * 16 / 1000), rtol=1e-9)  # 0.8 ms on each step
+    extra = seq.decode_run_s(**{**args, "decode_count": 3}) - base.decode_run_s(**{**args, "decode_count": 3})
+    np.testing.assert_allclose(extra, np.full(40, 0.05 * 3 / 1000), rtol=1e-9)
+
+
+@pytest.mark.parametrize("gpus, adapters", [(1, 0), (1, 2), (2, 0)])
+def test_bulk_decode_run_matches_iteration_by_iteration_with_a_seq_overhead(gpus, adapters):
+    m = ServingCostModel(LLAMA8B, SEQ.with_gpus(gpus), lora_rank=16)
+    run = m.decode_run_s(decode_count=16, context_tokens=16 * 300, steps=30, adapters=adapters,
+                         memory_stretch=1.2, compute_stretch=1.1)
+    one_by_one = [m.duration_s(m.iteration(16, 16 * 300 + 16 * k, 0, 0, 16, adapters), 1.2, 1.1) for k in range(30)]
+    np.testing.assert_allclose(run, one_by_one, rtol=1e-9)
+    without = ServingCostModel(LLAMA8B, PROFILE.with_gpus(gpus), lora_rank=16).decode_run_s(
+        decode_count=16, context_tokens=16 * 300, steps=30, adapters=adapters, memory_stretch=1.2,
+        compute_stretch=1.1)
+    assert (run > without).all()  # the overhead is in both paths, not 0 in both
 
 
 def test_lora_adapters_add_cost_per_distinct_adapter():

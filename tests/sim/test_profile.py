@@ -1,5 +1,5 @@
 import re
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
@@ -31,15 +31,50 @@ interconnect_bandwidth_gb_s = 63.0
 """
 
 
-def test_the_three_packaged_profiles_load():
-    assert packaged_profiles() == ["2x-rtx3090", "h100-80gb", "h200"]
-    h100, rtx, h200 = (load_profile(n) for n in ("h100-80gb", "2x-rtx3090", "h200"))
-    assert (h100.name, rtx.name, h200.name) == ("h100-80gb", "2x-rtx3090", "h200")
-    assert (h100.gpus, rtx.gpus, h200.gpus) == (1, 2, 1)
-    assert (h100.status, rtx.status, h200.status) == ("measured", "modelled", "modelled")
-    assert (h100.carries, rtx.carries, h200.carries) == (None, "h100-80gb", "h100-80gb")
+def test_the_four_packaged_profiles_load():
+    assert packaged_profiles() == ["2x-rtx3090", "h100-80gb", "h200", "h200-datasheet"]
+    names = ("h100-80gb", "2x-rtx3090", "h200", "h200-datasheet")
+    h100, rtx, h200, sheet = (load_profile(n) for n in names)
+    assert (h100.name, rtx.name, h200.name, sheet.name) == names
+    assert (h100.gpus, rtx.gpus, h200.gpus, sheet.gpus) == (1, 2, 1, 1)
+    assert (h100.status, rtx.status, h200.status, sheet.status) == ("measured", "modelled", "modelled", "modelled")
+    assert (h100.carries, rtx.carries, h200.carries, sheet.carries) == (None, "h100-80gb", "h100-80gb", "h100-80gb")
     assert rtx.datasheet.gpu == "NVIDIA GeForce RTX 3090" and rtx.datasheet.gpu_memory_gib == 23.69
-    assert h200.datasheet.memory_bandwidth_gb_s == 4800.0 and h200.datasheet.gpu_memory_gib == 139.8
+    for p in (h200, sheet):
+        assert p.datasheet.gpu == "NVIDIA H200"
+        assert p.datasheet.memory_bandwidth_gb_s == 4800.0 and p.datasheet.gpu_memory_gib == 139.8
+    assert replace(h200.datasheet, name="x") == replace(sheet.datasheet, name="x")  # one GPU, two profiles
+
+
+H200_FITTED = {"serving.frontend_delay_ms": 20.51, "serving.iteration_overhead_ms": 0.3994,
+               "serving.seq_overhead_ms": 0.04698}
+TRAINER_HOST = ("host_embed_ms", "host_layer_forward_ms", "host_head_loss_ms", "host_layer_backward_ms",
+                "host_optimizer_ms")
+
+
+def test_h200_datasheet_is_the_transfer_check_every_measured_number_from_the_h100():
+    h100, sheet = load_profile("h100-80gb"), load_profile("h200-datasheet")
+    for section in MEASURED_SECTIONS:
+        assert getattr(sheet, section) == getattr(h100, section), section
+    assert sheet.provenance_counts() == {"carried over": len(MEASURED_FIELDS)}
+    assert sheet.field_provenance["serving.frontend_delay_ms"] == "fitted on h100-80gb"
+
+
+def test_h200_fits_the_host_side_numbers_and_carries_the_rest():
+    h100, h200 = load_profile("h100-80gb"), load_profile("h200")
+    own = {**H200_FITTED, **{f"trainer.{f}": None for f in TRAINER_HOST}}
+    assert {k for k, v in h200.field_provenance.items() if v == "fitted"} == set(own)
+    assert h200.provenance_counts() == {"carried over": len(MEASURED_FIELDS) - len(own), "fitted": len(own)}
+    for key, value in H200_FITTED.items():
+        section, field = key.split(".")
+        assert getattr(h200.serving, field) == value, key
+    # the trainer's host times: the H100's, all scaled by one fitted factor (forward/backward split kept)
+    scales = [getattr(h200.trainer, f) / getattr(h100.trainer, f) for f in TRAINER_HOST]
+    assert scales == pytest.approx([0.6616] * len(scales), rel=2e-4)
+    for key in MEASURED_FIELDS:  # everything else is the H100's
+        if key not in own:
+            section, field = key.split(".")
+            assert getattr(getattr(h200, section), field) == getattr(getattr(h100, section), field), key
 
 
 def test_the_default_is_the_papers_two_rtx_3090s():
@@ -188,7 +223,7 @@ def test_malformed_profile_is_a_user_error(tmp_path, edit, message):
 
 def test_unknown_or_missing_profile_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="unknown hardware profile 'a100-40gb'; choose one of: 2x-rtx3090, "
-                                        "h100-80gb, h200"):
+                                        "h100-80gb, h200, h200-datasheet"):
         load_profile("a100-40gb")
     with pytest.raises(UserError, match="does not exist"):
         load_profile(tmp_path / "nope.toml")
