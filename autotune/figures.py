@@ -26,6 +26,7 @@ Arrivals = Literal["poisson", "burstgpt", "none"]
 ARTIFACT_HARDWARE = "2x-rtx3090"  # the artifact: 2 GPUs of 24 GB, tensor parallel 2
 H100 = "h100-80gb"
 H200 = "h200"
+H200_DATASHEET = "h200-datasheet"  # the same machine, profiled from its datasheet
 
 
 @dataclass(frozen=True)
@@ -65,15 +66,15 @@ FIGURES: dict[str, FigurePreset] = {
     for f in (
         FigurePreset(
             "fig8a", "ShareGPT prompts, Poisson arrivals; max PEFT throughput under SLO per rate",
-            arrivals="poisson", rates_req_s={ARTIFACT_HARDWARE: 7.0, H100: 12.0, H200: 24.0},
+            arrivals="poisson", rates_req_s={ARTIFACT_HARDWARE: 7.0, H100: 12.0, H200: 24.0, H200_DATASHEET: 24.0},
         ),
         FigurePreset(
             "fig9a", "ShareGPT prompts, BurstGPT arrival gaps rescaled to the rate",
-            arrivals="burstgpt", rates_req_s={ARTIFACT_HARDWARE: 3.0, H100: 12.0, H200: 24.0},
+            arrivals="burstgpt", rates_req_s={ARTIFACT_HARDWARE: 3.0, H100: 12.0, H200: 24.0, H200_DATASHEET: 24.0},
         ),
         FigurePreset(
             "fig10", "BurstGPT arrivals at 0.88 req/s, 200 prompts; latency vs PEFT-throughput trade-off",
-            arrivals="burstgpt", rates_req_s={ARTIFACT_HARDWARE: 0.88, H100: 10.0, H200: 20.0},
+            arrivals="burstgpt", rates_req_s={ARTIFACT_HARDWARE: 0.88, H100: 10.0, H200: 20.0, H200_DATASHEET: 20.0},
             num_prompts=200, pareto=True,
         ),
         FigurePreset(
@@ -82,7 +83,7 @@ FIGURES: dict[str, FigurePreset] = {
         ),
         FigurePreset(
             "fig13", "as fig10 with 8 LoRA adapters served (uniform, skewed or none), rank 8/16/32",
-            arrivals="burstgpt", rates_req_s={ARTIFACT_HARDWARE: 0.88, H100: 10.0, H200: 20.0},
+            arrivals="burstgpt", rates_req_s={ARTIFACT_HARDWARE: 0.88, H100: 10.0, H200: 20.0, H200_DATASHEET: 20.0},
             num_prompts=200, lora_adapters=True,
         ),
     )
