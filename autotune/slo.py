@@ -98,12 +98,15 @@ def constraint_margins(result: TrialResult, slo: ResolvedSlo | None) -> dict[str
     """Signed relative margins, observed / limit - 1 (<= 0 met).
 
     A crashed trial, or one whose requests did not all complete, violates
-    both by ``CRASH_VIOLATION``. Without an SLO (no serving, fig12) both are
-    met by construction: -1.0.
+    both by ``CRASH_VIOLATION``. A trial with no serving (fig12) has no SLO:
+    both are met by construction, -1.0. A trial that served with no SLO to
+    hold it to is a caller's bug: a missing limit is never met.
     """
     if result.crashed:
         return {k: CRASH_VIOLATION for k in CONSTRAINT_KEYS}
     if slo is None:
+        if result.serving is not None:
+            raise ValueError("a trial that served needs a resolved SLO (run the reference runs first)")
         return {k: -1.0 for k in CONSTRAINT_KEYS}
     s = result.serving
     if s is None or s.completed == 0 or s.failed > 0:

@@ -430,6 +430,8 @@ def run_trials(ctx: StudyContext, n_trials: int, observer: StudyObserver) -> Non
     Optuna records it FAIL, and the interrupt goes on up.
     """
     study = ctx.study
+    if ctx.workload is not None and ctx.slo is None:  # never a trial held to a missing limit
+        raise RuntimeError("the study's SLO is resolved by run_references(); call it before run_trials()")
     if not study.trials and not isinstance(study.sampler, optuna.samplers.GridSampler):
         study.enqueue_trial(ctx.space.defaults())  # the artifact's example values first
 

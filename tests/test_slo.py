@@ -86,3 +86,26 @@ def test_a_study_with_no_slo_given_holds_trials_to_the_papers_limits(tmp_path):
     t = ctx.study.trials[0]  # p = 80: 69 ms
     assert t.constraints["ttft_p99"] == pytest.approx(69 / 500 - 1)
     assert t.user_attrs["outcome"] == "feasible"
+
+
+def test_a_missing_limit_is_never_met():
+    from autotune.slo import constraint_margins
+
+    served = reference(55.0, 55.0)
+    with pytest.raises(ValueError, match="resolved SLO"):
+        constraint_margins(served, None)
+    alone = TrialResult(serving=None, peft=None)  # fig12: nothing served, nothing to hold it to
+    assert constraint_margins(alone, None) == {"ttft_p99": -1.0, "tpot_p99": -1.0}
+
+
+def test_trials_cannot_run_before_the_slo_is_resolved(tmp_path):
+    # prepare() then run_trials() with a 1 ms SLO once stored 55 ms trials as feasible
+    from autotune.backends import make_backend
+    from autotune.study import StudyConfig, StudyObserver, prepare, run_trials
+
+    config = StudyConfig(system="llmstation", figure="fig8a", num_prompts=5, runs_dir=tmp_path,
+                         slo=SloSpec(ttft_p99_ms=1.0, tpot_p99_ms=1.0))
+    ctx = prepare(config, make_backend("sim"))
+    with pytest.raises(RuntimeError, match="run_references"):
+        run_trials(ctx, 1, StudyObserver())
+    assert not ctx.study.trials
