@@ -17,6 +17,8 @@ from autotune.live import MAX_ROWS
 from autotune.slo import PAPER_SLO_SOURCE
 from autotune.systems import SYSTEMS, get_system
 
+from tests.sim.test_profile import CARRIED
+
 # Not a terminal, whatever the environment says: plain lines, no colour codes.
 runner = CliRunner(env={"FORCE_COLOR": None, "TTY_COMPATIBLE": None, "TTY_INTERACTIVE": None})
 
@@ -394,21 +396,7 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-PROFILE_FILE = """
-[profile]
-carries = "h100-80gb"
-
-[datasheet]
-name = "my-gpu"
-gpu = "My GPU"
-gpus = 1
-gpu_memory_gib = 40.0
-memory_bandwidth_gb_s = 2000.0
-peak_bf16_tflops = 300.0
-sms = 100
-interconnect = "PCIe 5.0 x16"
-interconnect_bandwidth_gb_s = 63.0
-"""
+PROFILE_FILE = CARRIED  # a profile of its own that carries the H100's measured numbers
 
 LLMSTATION_SPACE = """
 [forward_tasklets]
