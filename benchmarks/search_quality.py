@@ -61,6 +61,10 @@ from autotune.study import (StudyConfig, StudyObserver, _reference_spec, prepare
 from autotune.systems import get_system
 from autotune.trial import TrialKind, TrialResult, TrialSpec
 
+#: The hardware profile the committed results were measured on (the simulator's default
+#: was h100-80gb then); pinned so a rerun measures the same thing.
+PROFILE = "h100-80gb"
+
 SYSTEMS = ("vllm-torchtune", "chunked", "fineinfer", "llmstation")
 SAMPLERS = ("gp", "tpe", "random")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -158,7 +162,7 @@ def _point(params: Mapping[str, float], result: TrialResult, margins: Mapping[st
 def grid_task(task: dict[str, Any]) -> dict[str, Any]:
     """Evaluate a chunk of grid points directly with the backend."""
     scenario, work = _scenario(task), Path(task["work"])
-    backend = make_backend("sim")
+    backend = make_backend("sim", profile=PROFILE)
     ctx = prepare(_config(task["system"], task["rate"], scenario, work, task["id"]), backend)
     run_references(ctx, StudyObserver())
     points = []
@@ -171,7 +175,7 @@ def grid_task(task: dict[str, Any]) -> dict[str, Any]:
 def sampler_task(task: dict[str, Any]) -> dict[str, Any]:
     """One study: n_trials trials of one sampler with one sampler seed."""
     scenario, work = _scenario(task), Path(task["work"])
-    backend = MemoBackend(make_backend("sim"))
+    backend = MemoBackend(make_backend("sim", profile=PROFILE))
     ctx = prepare(_config(task["system"], task["rate"], scenario, work, task["id"]), backend)
     # Workload seed stays 0; only the sampler's seed varies.
     ctx.study.sampler = make_sampler(task["sampler"], ctx.space, seed=task["seed"])
@@ -190,7 +194,7 @@ def confirm_task(task: dict[str, Any]) -> dict[str, Any]:
     """``--confirm N`` on a finished sampler run: reopen its study (the same
     journal file) and run the product's confirmation step on it."""
     scenario, work = _scenario(task), Path(task["work"])
-    backend = MemoBackend(make_backend("sim"))
+    backend = MemoBackend(make_backend("sim", profile=PROFILE))
     ctx = prepare(_config(task["system"], task["rate"], scenario, work, task["run_id"]), backend)
     run_references(ctx, StudyObserver())
     ctx.study.set_user_attr(CONFIRMATIONS_ATTR, {})  # start from none: a rerun measures a fresh confirmation
@@ -207,7 +211,7 @@ def heldout_task(task: dict[str, Any]) -> dict[str, Any]:
     ms that the seed-0 reference gave; and serving alone on each, to show
     whether the SLO leaves any room on that workload at all."""
     scenario, work = _scenario(task), Path(task["work"])
-    backend = make_backend("sim")
+    backend = make_backend("sim", profile=PROFILE)
     ctx0 = prepare(_config(task["system"], task["rate"], scenario, work, task["id"]), backend)
     run_references(ctx0, StudyObserver())  # cached: only the SLO is needed
     points = []
@@ -247,7 +251,7 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
 def check_seed_independence(system: str, rate: float, scenario: Scenario, work: Path) -> None:
     """The grid uses trial number 0; studies use 0..39. With noise 0 the result
     must not depend on the trial seed, else the grid is not their ground truth."""
-    backend = make_backend("sim")
+    backend = make_backend("sim", profile=PROFILE)
     ctx = prepare(_config(system, rate, scenario, work, f"seedcheck-{system}-{rate:g}-{scenario.name}"), backend)
     params = ctx.space.defaults()
     a, b = (backend.run_trial(trial_spec(ctx, params, n)).metrics() for n in (0, 37))
@@ -260,7 +264,7 @@ def make_references(scenarios: Sequence[Scenario], systems: Sequence[str], work:
     for sc in scenarios:
         for system in systems:
             for rate in sc.rates_req_s:
-                ctx = prepare(_config(system, rate, sc, work, f"ref-{system}-{rate:g}-{sc.name}"), make_backend("sim"))
+                ctx = prepare(_config(system, rate, sc, work, f"ref-{system}-{rate:g}-{sc.name}"), make_backend("sim", profile=PROFILE))
                 run_references(ctx, StudyObserver())
 
 
