@@ -28,10 +28,11 @@ def test_system_conforms(name):
 @pytest.mark.parametrize("name", list(SYSTEMS))
 def test_system_conforms_on_the_simulator(sim, name):
     results = check_backend(sim, get_system(name), from_name("llama-3.1-8b"), small_workload())
-    assert set(results) == {"serving_alone", "trainer_alone", "colocated"}
-    # Sharing costs something: beside the trainer, serving is no faster than alone.
+    # Sharing costs something: beside the trainer, serving is no faster than alone,
+    # and the trainer beside serving is slower than alone.
     alone, both = results["serving_alone"].serving, results["colocated"].serving
     assert both.tpot.mean_ms >= alone.tpot.mean_ms * 0.99
+    assert results["colocated"].peft.peft_samples_per_s < results["trainer_alone"].peft.peft_samples_per_s
 
 
 def test_small_workload_is_deterministic_per_seed():

@@ -3,6 +3,7 @@ the plain one-line-per-trial reporter, and the live reporter on a terminal."""
 
 from __future__ import annotations
 
+import copy
 import io
 
 import optuna
@@ -112,10 +113,11 @@ def test_rows_that_fit_are_all_shown_in_order():
 
 def test_trial_table_is_a_pure_function_of_its_rows():
     rows = [_row(0, 60, 59.5, 8.25, 1.8, "feasible"), _row(1, 80, 69.5, 12.75, 2.4, "infeasible")]
-    before = list(rows)
+    before = copy.deepcopy(rows)  # not the same objects: a table that edits a row's dicts is caught
     first = _render_text(trial_table(rows, KNOBS, 60.0, 12.0))
     assert _render_text(trial_table(rows, KNOBS, 60.0, 12.0)) == first
     assert rows == before
+    assert "59.5" in first and "12.75" in first and "2.400" in first  # the rows' own numbers, as drawn
 
 
 # ---------------------------------------------------------------- with a real study context
