@@ -4,12 +4,15 @@
     autotune workload fig9a --rate 4 --out requests.jsonl
 
 Thin commands: parse, build a config, call library code. Bad input is one
-line on stderr and exit code 2.
+line on stderr and exit code 2; a failing environment (a folder that cannot be
+written, a full disk, a storage that does not answer) one line and exit code
+1. What can be checked before the first trial is.
 """
 
 from __future__ import annotations
 
 import enum
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -18,7 +21,7 @@ import typer
 from typer.core import TyperGroup
 from rich.console import Console
 
-from autotune.errors import UserError
+from autotune.errors import EnvironmentFailure, UserError, os_error
 from autotune.figures import FIGURES, LORA_DISTS, LORA_RANKS
 from autotune.samplers import DEFAULT_SAMPLER, SAMPLERS
 from autotune.sim.profile import DEFAULT_PROFILE
@@ -37,12 +40,16 @@ def _click_exceptions(name: str) -> tuple[type[BaseException], ...]:
 
 
 class _Group(TyperGroup):
-    """Every user error is one line on stderr and exit code 2; no traceback."""
+    """Every user error is one line on stderr and exit code 2, every failure of
+    the environment one line and exit code 1; no traceback."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         err = Console(stderr=True, highlight=False, soft_wrap=True)
         try:
             super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except EnvironmentFailure as e:  # before UserError, its base class
+            err.print(f"autotune: error: {e}", markup=False)
+            sys.exit(1)
         except UserError as e:
             err.print(f"autotune: error: {e}", markup=False)
             sys.exit(2)
@@ -123,7 +130,7 @@ def _tune(system: str):
                                              "recommend the best that meets the SLO on all")] = 0,
         plain: Annotated[bool, typer.Option(help="one line per trial instead of the live table")] = False,
     ) -> None:
-        from autotune.study import StudyConfig
+        from autotune.study import StudyConfig, check_runs_dir, storage_url
 
         if lora_rank not in LORA_RANKS:
             raise UserError(f"--lora-rank must be one of {', '.join(map(str, LORA_RANKS))}, got {lora_rank}")
@@ -138,6 +145,10 @@ def _tune(system: str):
         )
         if gpus is not None and gpus < 1:
             raise UserError(f"--gpus must be at least 1, got {gpus}")
+        if json_path is not None:  # now, not after an hour of trials
+            _check_json(json_path, {_sqlite_file(storage_url(config)): "study database",
+                                    runs_dir / "references.json": "reference cache"}, made=runs_dir)
+        check_runs_dir(runs_dir)  # before the backend or the study writes there
         given = {"--hardware": hardware is not None, "--profile": profile is not None, "--noise": noise != 0.0,
                  "--no-mps": no_mps, "--vllm-arg": bool(vllm_arg), "--finetune-data": finetune_data is not None,
                  "--gpu-mem-gb": gpu_mem_gb is not None}
@@ -159,6 +170,22 @@ def _tune(system: str):
 
     command.__doc__ = f"Tune {SYSTEMS[system].title}: {SYSTEMS[system].description}."
     return command
+
+
+def _check_json(json_path: Path, kept: dict[Path | None, str], made: Path | None = None) -> None:
+    """``--json`` can be written, and is none of the files a study keeps
+    (``kept``: file -> what it is), which writing it would replace. ``made``:
+    the runs folder, which the study makes if it is not there."""
+    from autotune.results import check_json_path
+
+    check_json_path(json_path, made=made)
+    for path, what in kept.items():
+        if path is not None and path.resolve() == json_path.resolve():
+            raise UserError(f"--json {json_path} is the {what}; give another file")
+
+
+def _sqlite_file(url: str) -> Path | None:
+    return Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None
 
 
 def _run(config, backend_name: str, options: dict, trials: int, json_path: Path | None, plain: bool) -> None:
@@ -211,6 +238,8 @@ def workload(
     from autotune.systems import get_system
 
     fig = get_figure(figure.value)
+    if tokenizer is not None and sharegpt is None:
+        raise UserError("--tokenizer counts the tokens of --sharegpt prompts; give --sharegpt FILE too")
     prompts_per_rate = get_system(system).prompts_per_rate if system is not None else 200
     if not fig.serves:
         raise UserError(f"{fig.name} has no serving workload")
@@ -227,7 +256,7 @@ def workload(
     try:
         wl.write_jsonl(out)
     except OSError as e:
-        raise UserError(f"cannot write {out}: {e.strerror}") from None
+        raise os_error(e, f"cannot write {out}") from None
     print(f"{len(wl)} requests over {wl.duration_s:.1f} s ({wl.description}) written to {out}")
 
 
@@ -244,6 +273,8 @@ def show(
     from autotune.results import format_params, load_result, pareto_front, summary_text, write_json
 
     url = storage or f"sqlite:///{runs_dir / 'studies.db'}"
+    if json_path is not None:
+        _check_json(json_path, {_sqlite_file(url): "study database"})
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
         raise UserError(f"no study database at {url.removeprefix('sqlite:///')}")
     result = load_result(url, study_name)
@@ -278,12 +309,15 @@ def calibrate(
     from autotune.backends import make_backend
     from autotune.calibrate import fit_host_side, gpu_driver, measure, measurement_specs, profile_toml, targets_of
     from autotune.sim.profile import load_profile, packaged_profiles
-    from autotune.study import _resolve_model
+    from autotune.study import _resolve_model, check_runs_dir
 
     if out.exists():
         raise UserError(f"--out {out} exists; calibrate never overwrites a profile")
     if not out.parent.is_dir():
         raise UserError(f"--out {out}: folder {out.parent} does not exist")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise EnvironmentFailure(f"--out {out}: folder {out.parent} is not writable")
+    check_runs_dir(runs_dir)
     try:
         rates_req_s = [float(r) for r in rates.split(",") if r.strip()]
     except ValueError:
@@ -315,8 +349,7 @@ def calibrate(
         with open(out, "x", encoding="utf-8") as f:
             f.write(text)
     except OSError as e:
-        print(f"autotune: error: cannot write {out}: {e.strerror}", file=sys.stderr)
-        sys.exit(1)
+        raise os_error(e, f"cannot write {out}") from None
     for key, value in result.fields.items():
         print(f"  {key} = {value:.4g}")
     print(f"profile written to {out}; use it with --profile {out}")

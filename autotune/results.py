@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ import optuna
 
 from autotune.confirm import ATTR_SEEDS, CANDIDATES, Confirmation, setting_records, verdict
 from autotune.confirm import load as load_confirmations
-from autotune.errors import UserError
+from autotune.errors import EnvironmentFailure, UserError, os_error
 
 _CONSTRAINT_PREFIX = "constraints:"
 
@@ -169,7 +170,26 @@ def write_json(result: StudyResult, path: Path) -> None:
         tmp.replace(path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {path}: {e.strerror}") from None
+        raise os_error(e, f"cannot write {path}") from None
+
+
+def check_json_path(path: Path, flag: str = "--json", made: Path | None = None) -> None:
+    """Before any work: ``write_json`` will be able to write ``path``. A
+    folder, or a file in a folder that does not exist, is bad input; a
+    folder that cannot be written is the environment's failure. ``made``: a
+    folder the command makes (and checks) before it writes ``path``."""
+    path = Path(path)
+    parent = path.parent
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder; give a file name")
+    if made is not None and not parent.exists() and parent.resolve() == Path(made).resolve():
+        return
+    if not parent.exists():
+        raise UserError(f"{flag} {path}: folder {parent} does not exist")
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise EnvironmentFailure(f"{flag} {path}: folder {parent} is not writable")
 
 
 def _finite(x: Any) -> Any:

@@ -11,9 +11,12 @@ metrics.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
+import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -23,7 +26,7 @@ import optuna
 
 from autotune.backends import Backend
 from autotune.confirm import Confirmation, confirm
-from autotune.errors import UserError
+from autotune.errors import EnvironmentFailure, UserError, os_error
 from autotune.figures import FigurePreset, get_figure
 from autotune.knobs import SearchSpace
 from autotune.models import ModelConfig, from_name
@@ -35,6 +38,8 @@ from autotune.trial import LoraServing, TrialKind, TrialResult, TrialSpec
 from autotune.workloads.spec import Workload
 
 DEFAULT_RUNS_DIR = Path("autotune-runs")
+#: Seeds NumPy takes (the samplers' random state): 0 .. 2**32 - 1.
+MAX_SEED = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -119,7 +124,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as e:
-                raise UserError(f"storage {url}: cannot create {path.parent}: {e.strerror}") from None
+                raise os_error(e, f"storage {url}: cannot create {path.parent}") from None
             if path.exists():
                 with open(path, "rb") as f:
                     head = f.read(16)
@@ -132,8 +137,63 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     try:
         return optuna.storages.get_storage(url)
     except Exception as e:  # noqa: BLE001  (SQLAlchemy and drivers raise many kinds)
+        if _is_storage_failure(e):  # the URL is fine; the disk or the server is not
+            raise EnvironmentFailure(f"storage {url}: {_storage_reason(e)}") from None
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"unusable storage URL {url!r}: {msg}") from None
+
+
+def _is_storage_failure(e: BaseException) -> bool:
+    """A storage that could not read or write (full or read-only disk, lost
+    connection), as Optuna and SQLAlchemy report it."""
+    if isinstance(e, optuna.exceptions.StorageInternalError):
+        return True
+    try:
+        from sqlalchemy.exc import OperationalError
+    except ImportError:
+        return False
+    return isinstance(e, OperationalError)
+
+
+def _storage_reason(e: BaseException) -> str:
+    """The driver's own words, first line ("database or disk is full")."""
+    if isinstance(e, optuna.exceptions.StorageInternalError) and e.__cause__ is not None:
+        e = e.__cause__
+    orig = getattr(e, "orig", None)  # SQLAlchemy keeps the driver's exception here
+    text = str(orig if orig is not None else e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+_WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+
+
+def _failure_of(e: BaseException, url: str) -> UserError | None:
+    """The one-line error for an exception that ended a study where the input
+    or the machine is at fault (``e`` itself if it is one); None for a bug."""
+    if isinstance(e, UserError):
+        return e
+    if isinstance(e, OSError):
+        what = "cannot write" if e.errno in _WRITE_ERRORS else "cannot use"
+        return os_error(e, f"{what} {e.filename}" if e.filename is not None else f"{what} a file")
+    if _is_storage_failure(e):
+        return EnvironmentFailure(f"the study's storage {url} failed: {_storage_reason(e)}")
+    if isinstance(e, AssertionError) and str(e) == "Should not reach." and e.__context__ is not None:
+        return _failure_of(e.__context__, url)  # how Optuna ends a trial whose FAIL it could not store
+    return None
+
+
+def check_runs_dir(path: Path) -> None:
+    """Before anything is stored: the runs folder is a folder, or can be made
+    one, and can be written (bad input: exit 2; not writable: exit 1)."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent  # the nearest folder that is there
+    if not existing.is_dir():
+        where = "" if existing == path else f": {existing}"
+        raise UserError(f"--runs-dir {path}{where} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise EnvironmentFailure(f"--runs-dir {path}: folder {existing} is not writable")
 
 
 # ---------------------------------------------------------------- preparation
@@ -163,6 +223,10 @@ def _check_figure_options(config: StudyConfig, figure: FigurePreset) -> None:
         raise UserError(f"--confirm re-runs settings against the SLO; {figure.name} serves nothing and has none")
     if config.trial_seconds is not None and not config.trial_seconds > 0:
         raise UserError(f"--trial-seconds must be positive, got {config.trial_seconds:g}")
+    if not 0 <= config.seed <= MAX_SEED:
+        raise UserError(f"--seed must be in 0..{MAX_SEED} (2**32 - 1), got {config.seed}")
+    if config.tokenizer_path is not None and config.sharegpt_path is None:
+        raise UserError("--tokenizer counts the tokens of --sharegpt prompts; give --sharegpt FILE too")
 
 
 def _build_workload(config: StudyConfig, figure: FigurePreset, system: System, rate: float) -> Workload | None:
@@ -236,6 +300,11 @@ def prepare(config: StudyConfig, backend: Backend) -> StudyContext:
     workload = _build_workload(config, figure, system, rate)
     identity = _identity(config, model, rate, workload, space, backend)
 
+    check_runs_dir(config.runs_dir)  # the reference cache (and by default the database) go there
+    try:
+        config.runs_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise os_error(e, f"--runs-dir {config.runs_dir}: cannot create it") from None
     storage = open_storage(storage_url(config))
     name = config.study_name or default_study_name(config, rate, backend.name)
     existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
@@ -248,7 +317,7 @@ def prepare(config: StudyConfig, backend: Backend) -> StudyContext:
                 "pass --study-name for a new study"
             )
     n_done = existing[name].n_trials if name in existing else 0
-    sampler = make_sampler(config.sampler, space, seed=config.seed + 1000 * n_done)
+    sampler = make_sampler(config.sampler, space, seed=(config.seed + 1000 * n_done) % (MAX_SEED + 1))
     study = optuna.create_study(
         study_name=name, storage=storage, sampler=sampler, direction="maximize", load_if_exists=True
     )
@@ -324,8 +393,12 @@ class ReferenceCache:
         data[key] = record
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
-        tmp.replace(self.path)  # atomic: a crash never leaves half a file
+        try:
+            tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
+            tmp.replace(self.path)  # atomic: a crash never leaves half a file
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def _reference_key(ctx: StudyContext, kind: TrialKind) -> str:
@@ -355,7 +428,10 @@ def run_references(ctx: StudyContext, observer: StudyObserver) -> None:
             result = ctx.backend.run_trial(_reference_spec(ctx, kind), observer.on_progress)
             record = {"metrics": result.metrics(), "error": result.error, "result": _result_record(result)}
             if result.error is None:
-                cache.put(key, record)
+                try:
+                    cache.put(key, record)
+                except OSError as e:
+                    raise os_error(e, f"cannot write {cache.path}") from None
         ctx.references[kind.value] = record
         observer.on_reference(ctx, kind.value, record["metrics"], cached)
     ctx.study.set_user_attr("references", ctx.references)
@@ -427,24 +503,33 @@ def run_trials(ctx: StudyContext, n_trials: int, observer: StudyObserver) -> Non
     """``n_trials`` more trials (fewer if a grid is exhausted).
 
     Ctrl-C during a trial: the trial gets both constraints and its reason,
-    Optuna records it FAIL, and the interrupt goes on up.
+    Optuna records it FAIL, and the interrupt goes on up. Anything else that
+    ends the study (a full or read-only disk, a storage that fails) does the
+    same, and comes out as a one-line ``EnvironmentFailure`` (or
+    ``UserError``); no trial is left RUNNING where the storage takes the FAIL.
     """
     study = ctx.study
+    url = storage_url(ctx.config)
     if ctx.workload is not None and ctx.slo is None:  # never a trial held to a missing limit
         raise RuntimeError("the study's SLO is resolved by run_references(); call it before run_trials()")
     if not study.trials and not isinstance(study.sampler, optuna.samplers.GridSampler):
         study.enqueue_trial(ctx.space.defaults())  # the artifact's example values first
+    in_flight: list[optuna.Trial] = []
 
     def objective(trial: optuna.Trial) -> float:
+        in_flight[:] = [trial]
         params = {k.name: _suggest(trial, k) for k in ctx.space}
         observer.on_trial_start(ctx, trial.number, params)
         try:
             result = ctx.backend.run_trial(trial_spec(ctx, params, trial.number), observer.on_progress)
         except KeyboardInterrupt:
-            for key in CONSTRAINT_KEYS:
-                trial.set_constraint(key, CRASH_VIOLATION)
-            trial.set_user_attr("outcome", "interrupted")
-            trial.set_user_attr("error", "interrupted (Ctrl-C)")
+            _abandon(trial, "interrupted", "interrupted (Ctrl-C)")
+            raise
+        except Exception as e:
+            failure = _failure_of(e, url)
+            _abandon(trial, "failed", str(failure) if failure is not None else _one_line(e))
+            if failure is not None and failure is not e:
+                raise failure from e
             raise
         return record_trial(ctx, trial, result)
 
@@ -453,8 +538,66 @@ def run_trials(ctx: StudyContext, n_trials: int, observer: StudyObserver) -> Non
 
     try:
         study.optimize(objective, n_trials=n_trials, callbacks=[callback], catch=(), gc_after_trial=False)
-    finally:
-        record_backend(ctx)
+    except KeyboardInterrupt:
+        _quietly(record_backend, ctx)
+        raise
+    except Exception as e:
+        failure = _failure_of(e, url)
+        reason = str(failure) if failure is not None else _one_line(e)
+        failed = not in_flight or _fail_if_running(study, in_flight[0], reason)
+        _quietly(record_backend, ctx)
+        if failure is None:
+            raise
+        if not failed:
+            failure = type(failure)(f"{failure}; trial {in_flight[0].number} could not be marked failed "
+                                    "and stays RUNNING")
+        if failure is e:
+            raise
+        raise failure from e
+    record_backend(ctx)
+
+
+def _abandon(trial: optuna.Trial, outcome: str, error: str) -> None:
+    """Both constraints (never met, unless the trial measured them already),
+    the outcome and the reason, on a trial about to be recorded FAIL: as much
+    of it as the storage takes."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Optuna keeps a constraint already set, and says so
+            for key in CONSTRAINT_KEYS:
+                trial.set_constraint(key, CRASH_VIOLATION)
+        trial.set_user_attr("outcome", outcome)
+        trial.set_user_attr("error", error)
+    except Exception:  # noqa: BLE001  (a failing storage: the caller reports the failure)
+        pass
+
+
+def _fail_if_running(study: optuna.Study, trial: optuna.Trial, reason: str) -> bool:
+    """Record ``trial`` FAIL, with its constraints, if the failure left it
+    RUNNING (Optuna's own FAIL did not reach the storage). Whether it is
+    no longer RUNNING."""
+    running = optuna.trial.TrialState.RUNNING
+    try:
+        if not any(t.number == trial.number for t in study.get_trials(deepcopy=False, states=(running,))):
+            return True
+        _abandon(trial, "failed", reason)
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        return not any(t.number == trial.number for t in study.get_trials(deepcopy=False, states=(running,)))
+    except Exception:  # noqa: BLE001  (the storage still fails)
+        return False
+
+
+def _quietly(fn, *args) -> None:
+    """``fn(*args)`` while another error is on its way up: that one is reported."""
+    try:
+        fn(*args)
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 def record_backend(ctx: StudyContext) -> None:
@@ -478,10 +621,16 @@ def run_study(config: StudyConfig, backend: Backend, n_trials: int,
     more trials, then confirm the best on ``config.confirm_workloads`` fresh
     workloads."""
     observer = observer or StudyObserver()
-    ctx = prepare(config, backend)
-    observer.on_start(ctx, n_trials)
-    run_references(ctx, observer)
-    run_trials(ctx, n_trials, observer)
-    confirm(ctx, config.confirm_workloads, observer)
-    observer.on_end(ctx)
+    try:
+        ctx = prepare(config, backend)
+        observer.on_start(ctx, n_trials)
+        run_references(ctx, observer)
+        run_trials(ctx, n_trials, observer)
+        confirm(ctx, config.confirm_workloads, observer)
+        observer.on_end(ctx)
+    except Exception as e:  # a disk or storage that fails: one line, not a traceback
+        failure = _failure_of(e, storage_url(config))
+        if failure is None or failure is e:
+            raise
+        raise failure from e
     return ctx

@@ -1,10 +1,13 @@
 """The ``autotune`` command through Typer's CliRunner: the main job end to
-end on the simulator, resume, ``show``, ``workload``, ``list``, and bad input
-(exit code 2, one line naming the problem, no traceback, no study data lost)."""
+end on the simulator, resume, ``show``, ``workload``, ``list``, bad input
+(exit code 2, one line naming the problem, no traceback, no study data lost),
+and a failing environment (exit code 1, one line, no trial left RUNNING)."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -14,7 +17,7 @@ from typer.testing import CliRunner
 
 from autotune.cli import app
 from autotune.live import MAX_ROWS
-from autotune.slo import PAPER_SLO_SOURCE
+from autotune.slo import CRASH_VIOLATION, PAPER_SLO_SOURCE
 from autotune.systems import SYSTEMS, get_system
 
 from tests.sim.test_profile import CARRIED
@@ -44,9 +47,9 @@ def ok(result):
     return result
 
 
-def user_error(result, *words: str) -> str:
+def user_error(result, *words: str, code: int = 2) -> str:
     """Exit code 2 and one line 'autotune: error: ...' holding ``words``; no traceback."""
-    assert result.exit_code == 2, f"exit {result.exit_code}: {result.output}\n{result.exception!r}"
+    assert result.exit_code == code, f"exit {result.exit_code}: {result.output}\n{result.exception!r}"
     assert "Traceback" not in result.output
     lines = _stderr(result).strip().splitlines()
     assert len(lines) == 1, lines
@@ -54,6 +57,11 @@ def user_error(result, *words: str) -> str:
     for w in words:
         assert w in lines[0], (w, lines[0])
     return lines[0]
+
+
+def env_error(result, *words: str) -> str:
+    """Exit code 1 and one line 'autotune: error: ...' holding ``words``; no traceback."""
+    return user_error(result, *words, code=1)
 
 
 def snapshot(runs_dir: Path, name: str = BASE_STUDY) -> list:
@@ -482,6 +490,12 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list, list[str]]]:
         "negative confirm": (["llmstation", "--confirm", -1], ["--confirm"]),
         "confirm without serving": (["llmstation", "--figure", "fig12", "--confirm", 2],
                                     ["--confirm", "fig12 serves nothing"]),
+        # fig12 trains only: NumPy met the seed first, in the sampler (a traceback)
+        "seed above 2**32-1": (["llmstation", "--figure", "fig12", "--seed", 2**32],
+                               ["--seed must be in 0..4294967295", "got 4294967296"]),
+        "negative seed": (["llmstation", "--figure", "fig12", "--seed", -1], ["--seed must be in 0..4294967295"]),
+        "tokenizer without sharegpt": (["llmstation", "--tokenizer", tmp / "nosuch.json"],
+                                       ["--tokenizer", "give --sharegpt FILE too"]),
     }
 
 
@@ -493,15 +507,22 @@ BAD_INPUT_NAMES = [
     "other slo", "negative confirm", "confirm without serving", "other ratio", "slo ms and ratio",
     "other hardware", "other gpus", "other noise", "unknown hardware", "hardware and profile", "missing profile",
     "gpus 0", "noise on gpu", "hardware on gpu", "no-mps on sim", "gpu-mem-gb on sim", "vllm-arg on sim",
+    "seed above 2**32-1", "negative seed", "tokenizer without sharegpt",
 ]
+
+
+def _studies(runs_dir: Path) -> list[str]:
+    return sorted(optuna.get_all_study_names(f"sqlite:///{runs_dir / 'studies.db'}"))
 
 
 @pytest.mark.parametrize("name", BAD_INPUT_NAMES)
 def test_bad_input_is_one_line_exit_2_and_loses_nothing(runs, tmp_path, name):
     args, words = _bad_inputs(tmp_path)[name]
     before = snapshot(runs)
+    studies = _studies(runs)
     user_error(invoke(*args, "--runs-dir", runs), *words)
     assert snapshot(runs) == before
+    assert _studies(runs) == studies  # and no new, empty study beside it
 
 
 def test_bad_input_cases_are_all_run(tmp_path):
@@ -515,13 +536,197 @@ def test_a_file_that_is_not_sqlite_is_refused_and_left_alone(tmp_path):
     assert notes.read_bytes() == b"my notes, not a database\n"
 
 
-def test_json_into_a_missing_folder_keeps_the_trials(runs, tmp_path):
-    before = len(snapshot(runs)[1])
-    result = invoke("llmstation", "--figure", "fig8a", "--trials", 1, "--num-prompts", 40, "--runs-dir", runs,
-                    "--json", tmp_path / "nodir" / "out.json")
-    user_error(result, "cannot write", "nodir/out.json", "No such file or directory")
-    assert len(snapshot(runs)[1]) == before + 1  # the trial is stored
-    assert f"study {BASE_STUDY}: 4 trials" in result.output  # and the answer was printed first
+def _json_targets(tmp: Path, runs: Path) -> dict[str, tuple[Path, list[str]]]:
+    """name -> (--json PATH, words the one-line error must hold)."""
+    (tmp / "a-folder").mkdir()
+    _write(tmp / "a-file", "mine\n")
+    return {
+        "missing folder": (tmp / "nodir" / "out.json", ["--json", "folder", "nodir does not exist"]),
+        "onto a folder": (tmp / "a-folder", ["--json", "a-folder is a folder"]),
+        "under a file": (tmp / "a-file" / "out.json", ["--json", "a-file is not a folder"]),
+        "the study database": (runs / "studies.db", ["--json", "is the study database"]),
+    }
+
+
+JSON_TARGETS = ["missing folder", "onto a folder", "under a file", "the study database"]
+
+
+@pytest.mark.parametrize("name", JSON_TARGETS)
+def test_an_unwritable_json_path_is_refused_before_the_first_trial(runs, tmp_path, name):
+    path, words = _json_targets(tmp_path, runs)[name]
+    before, files = snapshot(runs), {p: p.read_bytes() for p in runs.iterdir()}
+    result = invoke(*BASE_ARGS, "--trials", 1, "--runs-dir", runs, "--json", path)
+    user_error(result, *words)
+    assert result.stdout == ""  # no reference run, no trial: the error comes first
+    assert snapshot(runs) == before and {p: p.read_bytes() for p in runs.iterdir()} == files
+    assert (tmp_path / "a-file").read_text() == "mine\n" and list((tmp_path / "a-folder").iterdir()) == []
+
+
+@pytest.mark.parametrize("name", JSON_TARGETS)
+def test_show_refuses_an_unwritable_json_path(runs, tmp_path, name):
+    path, words = _json_targets(tmp_path, runs)[name]
+    files = {p: p.read_bytes() for p in runs.iterdir()}
+    result = invoke("show", BASE_STUDY, "--runs-dir", runs, "--json", path)
+    user_error(result, *words)
+    assert result.stdout == ""  # refused before the table
+    assert {p: p.read_bytes() for p in runs.iterdir()} == files
+
+
+def _read_only(monkeypatch, folder: Path) -> None:
+    """``folder`` reads as not writable. The tests run as root, for whom
+    os.access says every folder is writable whatever its mode, so a chmod
+    alone would test nothing: os.access itself is patched."""
+    real = os.access
+
+    def access(path, mode, *args, **kwargs):
+        if Path(path).resolve() == folder.resolve() and mode & os.W_OK:
+            return False
+        return real(path, mode, *args, **kwargs)
+
+    folder.chmod(0o555)  # what a user who is not root meets
+    monkeypatch.setattr(os, "access", access)
+
+
+def test_json_into_a_read_only_folder_is_exit_1_before_the_first_trial(runs, tmp_path, monkeypatch):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    _read_only(monkeypatch, ro)
+    before = snapshot(runs)
+    result = invoke(*BASE_ARGS, "--trials", 1, "--runs-dir", runs, "--json", ro / "out.json")
+    env_error(result, "--json", f"folder {ro} is not writable")
+    assert result.stdout == "" and snapshot(runs) == before
+    result = invoke("show", BASE_STUDY, "--runs-dir", runs, "--json", ro / "out.json")
+    env_error(result, "--json", f"folder {ro} is not writable")
+    assert result.stdout == ""
+    ro.chmod(0o755)
+    assert list(ro.iterdir()) == []
+
+
+def test_a_read_only_runs_dir_is_exit_1_before_anything_is_stored(runs, monkeypatch):
+    _read_only(monkeypatch, runs)
+    before, files = snapshot(runs), {p: p.read_bytes() for p in runs.iterdir()}
+    result = invoke(*BASE_ARGS, "--trials", 1, "--num-prompts", 30, "--runs-dir", runs)  # a new study
+    env_error(result, "--runs-dir", f"folder {runs} is not writable")
+    assert result.stdout == ""
+    runs.chmod(0o755)
+    assert snapshot(runs) == before and {p: p.read_bytes() for p in runs.iterdir()} == files
+
+
+@pytest.mark.parametrize("storage", [False, True])
+def test_a_runs_dir_that_is_a_file_is_refused_and_no_study_is_made(tmp_path, storage):
+    notes = _write(tmp_path / "notes", "mine\n")
+    db = tmp_path / "elsewhere.db"
+    args = ["--storage", f"sqlite:///{db}"] if storage else []
+    user_error(invoke(*BASE_ARGS, "--trials", 1, *args, "--runs-dir", notes), f"--runs-dir {notes} is a file")
+    user_error(invoke(*BASE_ARGS, "--trials", 1, *args, "--runs-dir", notes / "sub"),
+               f"--runs-dir {notes / 'sub'}: {notes} is a file")
+    assert notes.read_text() == "mine\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]  # no database, no study anywhere
+
+
+def test_the_largest_seed_runs_and_resumes(tmp_path):
+    args = ["llmstation", "--figure", "fig12", "--trials", 1, "--seed", 2**32 - 1, "--runs-dir", tmp_path]
+    ok(invoke(*args))
+    ok(invoke(*args))  # the sampler's seed on resume, seed + 1000 x trials, wraps round
+
+
+def test_workload_tokenizer_without_sharegpt(tmp_path):
+    out = tmp_path / "w.jsonl"
+    user_error(invoke("workload", "fig8a", "--tokenizer", tmp_path / "tokenizer.json", "--out", out),
+               "--tokenizer", "give --sharegpt FILE too")
+    assert not out.exists()
+
+
+def test_a_disk_that_fills_before_the_json_is_written_is_exit_1_and_keeps_the_trials(runs, tmp_path, monkeypatch):
+    import pathlib
+
+    out = _write(tmp_path / "out.json", '{"old": true}\n')
+    real = pathlib.Path.write_text
+
+    def write_text(self, text, *args, **kwargs):
+        if self.name == ".out.json.tmp":
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", write_text)
+    result = invoke(*BASE_ARGS, "--trials", 1, "--runs-dir", runs, "--json", out)
+    env_error(result, f"cannot write {out}", "No space left on device")
+    assert f"study {BASE_STUDY}: 4 trials" in result.stdout  # the answer is printed first
+    assert len(snapshot(runs)[1]) == 4  # and the trial is stored
+    assert out.read_text() == '{"old": true}\n' and sorted(p.name for p in tmp_path.iterdir()) == ["out.json", "runs"]
+
+
+def _no_running(runs: Path, name: str) -> list:
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{runs / 'studies.db'}")
+    assert all(t.state.name != "RUNNING" for t in study.trials), [t.state.name for t in study.trials]
+    return study.trials
+
+
+def test_a_full_disk_for_the_reference_cache_is_exit_1_and_keeps_the_cache(runs, monkeypatch):
+    from autotune.study import ReferenceCache
+
+    def disk_full(self, key, record):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.path.with_suffix(".tmp")))
+
+    monkeypatch.setattr(ReferenceCache, "put", disk_full)
+    cache = (runs / "references.json").read_bytes()
+    before = snapshot(runs)
+    result = invoke(*BASE_ARGS, "--num-prompts", 30, "--study-name", "new", "--runs-dir", runs)  # new references
+    env_error(result, f"cannot write {runs / 'references.json'}", "No space left on device")
+    assert (runs / "references.json").read_bytes() == cache and snapshot(runs) == before
+    assert _no_running(runs, "new") == []  # stopped before its first trial
+
+
+def test_a_full_disk_during_a_trial_is_exit_1_and_the_trial_is_failed_with_constraints(runs, monkeypatch):
+    from autotune.sim.backend import SimBackend
+    from autotune.trial import TrialKind
+
+    real = SimBackend.run_trial
+
+    def run_trial(self, spec, progress=lambda f, s: None):  # as the GPU backend writing its trial logs
+        if spec.kind is TrialKind.COLOCATED and spec.number == 4:
+            raise OSError(errno.ENOSPC, "No space left on device", str(runs / "gpu" / "trial-4" / "server.log"))
+        return real(self, spec, progress)
+
+    monkeypatch.setattr(SimBackend, "run_trial", run_trial)
+    result = invoke(*BASE_ARGS, "--runs-dir", runs)
+    env_error(result, f"cannot write {runs / 'gpu' / 'trial-4' / 'server.log'}", "No space left on device")
+    assert "trial 3:" in result.stdout  # the trial before it finished
+    trials = _no_running(runs, BASE_STUDY)
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4 + ["FAIL"]
+    failed = trials[4]
+    assert failed.constraints == {"ttft_p99": CRASH_VIOLATION, "tpot_p99": CRASH_VIOLATION}
+    assert failed.user_attrs["outcome"] == "failed" and "No space left on device" in failed.user_attrs["error"]
+
+
+def test_a_storage_that_fills_up_is_exit_1_and_leaves_no_trial_running(runs, monkeypatch):
+    import sqlite3
+
+    import sqlalchemy.exc
+    from optuna.exceptions import StorageInternalError
+    from optuna.storages import RDBStorage
+
+    real = RDBStorage.set_trial_state_values
+    full = []
+
+    def set_trial_state_values(self, trial_id, state, values=None):
+        # a full disk takes the FAIL (a row that is there) but not the first COMPLETE after trial 3
+        if state.name == "COMPLETE" and self.get_trial(trial_id).number == 4 and not full:
+            full.append(trial_id)
+            try:
+                raise sqlalchemy.exc.OperationalError("UPDATE trials", {}, sqlite3.OperationalError(
+                    "database or disk is full"))
+            except sqlalchemy.exc.OperationalError as e:
+                raise StorageInternalError("An exception is raised during the commit.") from e
+        return real(self, trial_id, state, values)
+
+    monkeypatch.setattr(RDBStorage, "set_trial_state_values", set_trial_state_values)
+    result = invoke(*BASE_ARGS, "--runs-dir", runs)
+    env_error(result, "storage sqlite:///", "failed: database or disk is full")
+    trials = _no_running(runs, BASE_STUDY)
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4 + ["FAIL"]
+    assert set(trials[4].constraints) == {"ttft_p99", "tpot_p99"}
+    assert trials[4].user_attrs["outcome"] == "failed"  # never counted as the best, whatever it measured
 
 
 def test_gpu_backend_without_vllm_is_one_line(tmp_path):

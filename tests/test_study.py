@@ -1,14 +1,16 @@
-"""The study loop: constraints on every trial, crashes, resume, SLOs, Ctrl-C."""
+"""The study loop: constraints on every trial, crashes, resume, SLOs, Ctrl-C,
+a failing disk."""
 
 from __future__ import annotations
 
+import errno
 import json
 
 import optuna
 import pytest
 
 from autotune.backends import Backend
-from autotune.errors import UserError
+from autotune.errors import EnvironmentFailure, UserError
 from autotune.metrics import PeftMetrics, RequestRecord, serving_metrics
 from autotune.results import StudyResult, write_json
 from autotune.slo import CRASH_VIOLATION, SloSpec
@@ -23,10 +25,12 @@ class ScriptedBackend(Backend):
 
     name = "scripted"
 
-    def __init__(self, crash_at: int | None = 35, interrupt_at: int | None = None) -> None:
+    def __init__(self, crash_at: int | None = 35, interrupt_at: int | None = None,
+                 disk_full_at_trial: int | None = None) -> None:
         self.calls: list[TrialSpec] = []
         self.crash_at = crash_at
         self.interrupt_at = interrupt_at
+        self.disk_full_at_trial = disk_full_at_trial
 
     @staticmethod
     def _records(spec: TrialSpec, ttft_s: float, tpot_s: float) -> list[RequestRecord]:
@@ -45,6 +49,8 @@ class ScriptedBackend(Backend):
         pct = spec.params["mps_active_thread_pct"]
         if pct == self.interrupt_at:
             raise KeyboardInterrupt
+        if spec.number is not None and spec.number == self.disk_full_at_trial:
+            raise OSError(errno.ENOSPC, "No space left on device", "trial.log")
         if pct == self.crash_at:
             return TrialResult.crash("trainer out of memory")
         serving = serving_metrics(self._records(spec, (29 + 0.5 * pct) / 1000, 0.008))
@@ -129,6 +135,45 @@ def test_ctrl_c_records_the_trial_as_failed_with_constraints(tmp_path):
     assert t.state == optuna.trial.TrialState.FAIL
     assert t.user_attrs["error"] == "interrupted (Ctrl-C)"
     assert set(t.constraints) == {"ttft_p99", "tpot_p99"}
+
+
+def test_a_full_disk_ends_the_study_with_the_trial_failed_not_running(tmp_path):
+    with pytest.raises(EnvironmentFailure, match="cannot write trial.log: No space left on device"):
+        run_study(_config(tmp_path, sampler="random"), ScriptedBackend(disk_full_at_trial=2), n_trials=5)
+    study = optuna.load_study(study_name="vllm-torchtune-fig8a-2rps-scripted",
+                              storage=f"sqlite:///{tmp_path / 'studies.db'}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "FAIL"]
+    t = study.trials[-1]
+    assert t.constraints == {"ttft_p99": CRASH_VIOLATION, "tpot_p99": CRASH_VIOLATION}
+    assert t.user_attrs["outcome"] == "failed" and "No space left" in t.user_attrs["error"]
+    assert StudyResult.of(study).rows[-1].outcome == "failed"  # never feasible, never the best
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_a_seed_numpy_cannot_take_is_refused_before_the_study(tmp_path, seed):
+    with pytest.raises(UserError, match=r"--seed must be in 0\.\.4294967295"):
+        run_study(_config(tmp_path, seed=seed), ScriptedBackend(), 1)
+    assert not (tmp_path / "studies.db").exists()
+
+
+def test_the_largest_seed_resumes(tmp_path):
+    run_study(_config(tmp_path, sampler="random", seed=2**32 - 1), ScriptedBackend(), 1)
+    ctx = run_study(_config(tmp_path, sampler="random", seed=2**32 - 1), ScriptedBackend(), 1)  # sampler seed wraps
+    assert len(ctx.study.trials) == 2
+
+
+def test_a_tokenizer_without_sharegpt_is_refused(tmp_path):
+    with pytest.raises(UserError, match="--tokenizer .* give --sharegpt FILE too"):
+        run_study(_config(tmp_path, tokenizer_path=tmp_path / "tokenizer.json"), ScriptedBackend(), 1)
+
+
+def test_a_runs_dir_that_is_a_file_makes_no_study(tmp_path):
+    notes = tmp_path / "notes"
+    notes.write_text("mine")
+    storage = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    with pytest.raises(UserError, match="--runs-dir .*notes is a file, not a folder"):
+        run_study(_config(tmp_path, runs_dir=notes, storage=storage), ScriptedBackend(), 1)
+    assert notes.read_text() == "mine" and not (tmp_path / "elsewhere.db").exists()
 
 
 def test_figure_restricted_to_one_system(tmp_path):
