@@ -70,7 +70,7 @@ def trial_table(rows: Sequence[TrialRow], knob_names: Sequence[str],
     table.add_column("state")
     shown = list(rows) if max_rows is None else _rows_to_show(rows, max_rows)
     for r in shown:
-        state = Text(r.outcome, style={"crashed": "red", "interrupted": "yellow", "running": "cyan"}.get(r.outcome, ""))
+        state = Text(r.outcome, style={"crashed": "red", "failed": "red", "interrupted": "yellow", "running": "cyan"}.get(r.outcome, ""))
         if r.error:
             state.append(f": {r.error}", style="dim")
         table.add_row(
