@@ -133,14 +133,13 @@ def test_end_to_end_json(base):
         assert t["state"] == "COMPLETE" and set(t["constraints"]) == {"ttft_p99", "tpot_p99"}
         assert {"peft_samples_per_s", "ttft_p99_ms", "tpot_p99_ms"} <= set(t["metrics"])
     assert trials[0]["params"] == LLMSTATION_DEFAULTS  # the artifact's example first
-    best = doc["best"]
-    if best is not None:
-        assert best["feasible"] is True
-        assert {"peft_samples_per_s", "ttft_p99_ms", "tpot_p99_ms"} <= set(best["metrics"])
-        assert best["metrics"]["ttft_p99_ms"] <= slo["ttft_p99_ms"]
-        assert best["metrics"]["tpot_p99_ms"] <= slo["tpot_p99_ms"]
-        feasible = [t for t in trials if all(v <= 0 for v in t["constraints"].values())]
-        assert best["metrics"]["peft_samples_per_s"] == max(t["metrics"]["peft_samples_per_s"] for t in feasible)
+    best = doc["best"]  # the simulator without noise is deterministic: this study has a feasible trial
+    assert best is not None and best["feasible"] is True
+    assert {"peft_samples_per_s", "ttft_p99_ms", "tpot_p99_ms"} <= set(best["metrics"])
+    assert best["metrics"]["ttft_p99_ms"] <= slo["ttft_p99_ms"]
+    assert best["metrics"]["tpot_p99_ms"] <= slo["tpot_p99_ms"]
+    feasible = [t for t in trials if all(v <= 0 for v in t["constraints"].values())]
+    assert best["metrics"]["peft_samples_per_s"] == max(t["metrics"]["peft_samples_per_s"] for t in feasible)
 
 
 def test_output_is_plain_lines_when_not_a_terminal(base):
@@ -153,8 +152,7 @@ def test_output_is_plain_lines_when_not_a_terminal(base):
                                "modelled; measured sections carried over from h100-80gb")
     assert any(line.startswith("workload: 40 requests; synthetic") for line in lines)
     assert "\x1b[" not in result.output and "│" not in result.output
-    summary = "best (trial" if doc["best"] is not None else "no setting meets the SLO"
-    assert any(line.startswith(summary) for line in lines)
+    assert any(line.startswith(f"best (trial {doc['best']['number']}): ") for line in lines)  # one is feasible
     assert lines[-1] == f"results written to {runs / 'out.json'}"
 
 
@@ -176,19 +174,18 @@ def test_confirm_reruns_the_best_on_fresh_workloads(runs, tmp_path):
     conf = doc["confirmation"]
     assert conf["workloads"] == 2 and len(doc["trials"]) == 4  # confirmation adds no trials
     best = doc["best"]
-    if best is None:
-        assert conf["runs"] == {} and conf["recommended"] is None
-        return
+    assert best is not None  # deterministic (no noise); with no best there is nothing to confirm
     first = conf["runs"][str(best["number"])]  # the best is always tried first
     assert [r["workload_seed"] for r in first] == [1_000_001, 1_000_002][:len(first)]
     assert all(set(r["constraints"]) == {"ttft_p99", "tpot_p99"} for rs in conf["runs"].values() for r in rs)
     lines = result.output.splitlines()
     assert any(line.startswith(f"confirm #{best['number']} on workload seed 1000001: P99 TTFT") for line in lines)
     assert "confirmation on 2 fresh workloads (same SLO in ms):" in lines
-    rec = conf["recommended"]
-    if rec is not None:
-        assert rec["confirmed"] is True
-        assert all(r["outcome"] == "feasible" for r in conf["runs"][str(rec["number"])])
+    # 40 prompts at 7 req/s: the fresh workloads' P99 TPOT lands near 65 ms, above the 50 ms the
+    # study's own workload met, so no setting holds (the recommending path: tests/test_confirm.py)
+    assert conf["recommended"] is None
+    assert all(r["outcome"] == "infeasible" for rs in conf["runs"].values() for r in rs)
+    assert "no setting met the SLO on all 2 fresh workloads; rerun with more --trials, or loosen the SLO" in lines
 
 
 def test_two_simulated_h100s(tmp_path):
