@@ -282,6 +282,7 @@ def _identity(ctx_config: StudyConfig, model: ModelConfig, rate: float, workload
         "workload_digest": _workload_digest(workload),
         "search_space": {k.name: [k.low, k.high, k.step, k.log] for k in space},
         "lora_rank": ctx_config.lora_rank if ctx_config.lora_dist is not None else None,
+        "warmup_s": ctx_config.warmup_s,  # trainer steps left out of PEFT throughput
     }
 
 

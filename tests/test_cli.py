@@ -470,6 +470,8 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list, list[str]]]:
         "other gpus": ([*BASE_ARGS, "--gpus", 1], [f"study '{BASE_STUDY}' exists with other settings (gpus, "
                                                    "profile_digest)"]),
         "other noise": ([*BASE_ARGS, "--noise", 0.1], [f"study '{BASE_STUDY}' exists with other settings (noise)"]),
+        "other warm-up": ([*BASE_ARGS, "--warmup-s", 2], [f"study '{BASE_STUDY}' exists with other settings "
+                                                          "(warmup_s)"]),
         "unknown hardware": (["llmstation", "--hardware", "nope"],
                              ["unknown hardware profile 'nope'", "2x-rtx3090, h100-80gb, h200"]),
         "hardware and profile": (["llmstation", "--hardware", "h100-80gb", "--profile", tmp / "x.toml"],
@@ -502,7 +504,7 @@ BAD_INPUT_NAMES = [
     "malformed sharegpt", "missing burstgpt", "malformed burstgpt", "storage url", "trials 0", "negative rate",
     "zero prompts", "lora-dist on fig8a", "lora rank", "negative slo", "unknown model", "other settings",
     "other slo", "negative confirm", "confirm without serving", "other ratio", "slo ms and ratio",
-    "other hardware", "other gpus", "other noise", "unknown hardware", "hardware and profile", "missing profile",
+    "other hardware", "other gpus", "other noise", "other warm-up", "unknown hardware", "hardware and profile", "missing profile",
     "gpus 0", "noise on gpu", "hardware on gpu", "no-mps on sim", "gpu-mem-gb on sim", "vllm-arg on sim",
     "seed above 2**32-1", "negative seed", "tokenizer without sharegpt",
 ]
