@@ -101,6 +101,7 @@ class SimBackend(Backend):
         extra = {
             "sim_events": outcome.events,
             "sim_server_iterations": outcome.server_iterations,
+            "sim_preemptions": outcome.preemptions,
             "sim_clock_s": outcome.end_s,
         }
         notes = (f"simulated on {self.profile.source} ({self.profile.status})", *outcome.memory.notes)

@@ -8,9 +8,14 @@ requests first come, first served while the token budget
 A request's first output token comes at the end of the iteration that
 processed the last of its prompt; then one token per iteration.
 
-KV cache: a request reserves blocks for its prompt + output when admitted
-(vLLM allocates them as it goes and preempts when the cache overflows; the
-two differ only when the cache is nearly full) and frees them when done.
+KV cache, as vLLM V1 manages it: a request holds blocks for the tokens it
+has computed; each step allocates what that step's tokens need (a prefill
+chunk, or one token per decode). A waiting request is admitted only if its
+first chunk fits. When a running request's next step does not fit, the
+request admitted last is preempted (all its blocks freed; it goes back to the
+front of the queue and later recomputes its prompt and the tokens it has
+output, as one prefill that then yields its next token), until the step fits.
+Blocks are freed when a request finishes.
 
 Decode-only stretches are advanced in bulk: a run of K iterations with the
 same batch has closed-form token times (the KV read grows by one token per
@@ -40,14 +45,20 @@ class SimRequest:
     spec: RequestSpec
     send_s: float
     adapter: int | None  # None: the base model (or LoRA serving off)
-    prefilled: int = 0  # prompt tokens processed
+    computed: int = 0  # tokens whose KV is in the cache
     generated: int = 0  # output tokens emitted
     token_times: list[float | np.ndarray] = field(default_factory=list)  # floats and arrays, in order
-    kv_tokens: int = 0  # reserved in the cache
+    kv_tokens: int = 0  # cache slots held (whole blocks)
+    prefill_target: int = -1  # tokens to compute before the next output token (-1: its prompt)
+    preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        if self.prefill_target < 0:
+            self.prefill_target = self.spec.prompt_len
 
     @property
     def in_prefill(self) -> bool:
-        return self.prefilled < self.spec.prompt_len
+        return self.computed < self.prefill_target
 
     def times(self) -> tuple[float, ...]:
         out: list[float] = []
@@ -94,6 +105,7 @@ class Server:
         self.running: list[SimRequest] = []
         self.run: _Run | None = None
         self.iterations = 0  # served iterations, for statistics
+        self.preemptions = 0  # requests preempted because the KV cache was full
         self._gen = 0
         self._kicked = False  # a step start is queued
 
@@ -148,32 +160,57 @@ class Server:
         return [*events, self._end_event()]
 
     def _pick_batch(self) -> tuple[list[SimRequest], list[tuple[SimRequest, int]]]:
+        """This step's batch; allocates its cache slots (preempting when they do not fit)."""
         budget = self.cfg.max_num_batched_tokens
         decodes: list[SimRequest] = []
         prefills: list[tuple[SimRequest, int]] = []
-        for r in self.running:
-            if budget <= 0:
-                break
+        i = 0
+        while i < len(self.running) and budget > 0:
+            r = self.running[i]
+            tokens = min(r.prefill_target - r.computed, budget) if r.in_prefill else 1
+            if not self._allocate(r, tokens):
+                break  # r itself was preempted: nothing after it runs either
             if r.in_prefill:
-                chunk = min(r.spec.prompt_len - r.prefilled, budget)
-                prefills.append((r, chunk))
-                budget -= chunk
+                prefills.append((r, tokens))
             else:
                 decodes.append(r)
-                budget -= 1
+            budget -= tokens
+            i += 1
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             r = self.waiting[0]
-            need = self.block_round(r.spec.prompt_len + r.spec.output_len)
-            if need > self.kv_free_tokens:
+            chunk = min(r.prefill_target, budget)
+            if self.block_round(chunk) > self.kv_free_tokens:
                 break  # FCFS: the head waits for the cache
             self.waiting.popleft()
-            self.kv_free_tokens -= need
-            r.kv_tokens = need
             self.running.append(r)
-            chunk = min(r.spec.prompt_len, budget)
+            self._allocate(r, chunk)
             prefills.append((r, chunk))
             budget -= chunk
         return decodes, prefills
+
+    def _allocate(self, r: SimRequest, tokens: int) -> bool:
+        """Slots for ``tokens`` more of ``r``; preempts the request admitted last
+        (r itself at the end) until they fit. False if r was preempted."""
+        while True:
+            need = self.block_round(r.computed + tokens) - r.kv_tokens
+            if need <= self.kv_free_tokens:
+                self.kv_free_tokens -= need
+                r.kv_tokens += need
+                return True
+            victim = self.running.pop()
+            self._preempt(victim)
+            if victim is r:
+                return False
+
+    def _preempt(self, r: SimRequest) -> None:
+        """Free all of r's blocks; it recomputes its prompt and output so far when readmitted."""
+        self.kv_free_tokens += r.kv_tokens
+        r.kv_tokens = 0
+        r.computed = 0
+        r.prefill_target = r.spec.prompt_len + r.generated
+        r.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(r)
 
     def _adapters(self, decodes: list[SimRequest], prefills: list[tuple[SimRequest, int]]) -> int:
         if not self.lora_serving:
@@ -197,17 +234,17 @@ class Server:
 
     def _mixed_iteration(self, now: float, decodes: list[SimRequest], prefills: list[tuple[SimRequest, int]],
                          adapters: int) -> tuple[np.ndarray, float, list[Event]]:
-        ctx = sum(r.spec.prompt_len + r.generated for r in decodes)
+        ctx = sum(r.computed + 1 for r in decodes)  # the cache each decode reads, its new token included
         prefill_tokens = sum(c for _, c in prefills)
-        pairs = sum(c * (r.prefilled + c / 2) for r, c in prefills)
+        pairs = sum(c * (r.computed + c / 2) for r, c in prefills)
         cost = self.costs.iteration(len(decodes), ctx, prefill_tokens, pairs, len(decodes) + len(prefills), adapters)
         events, o_t, mem, comp = self._stretch(now, cost)
         return np.array([self.costs.duration_s(cost, mem, comp)]), o_t, events
 
     def _decode_run(self, now: float, decodes: list[SimRequest], adapters: int
                     ) -> tuple[np.ndarray, float, list[Event]]:
-        steps = min(r.spec.output_len - r.generated for r in decodes)
-        ctx = sum(r.spec.prompt_len + r.generated for r in decodes)
+        steps = min(self._decode_steps_that_fit(decodes), min(r.spec.output_len - r.generated for r in decodes))
+        ctx = sum(r.computed + 1 for r in decodes)
         first = self.costs.iteration(len(decodes), ctx, 0, 0.0, len(decodes), adapters)
         events, duty, mem, comp = self._stretch(now, first)
         # Plan no further than the next arrival or change of the trainer's state
@@ -223,6 +260,23 @@ class Server:
             durations = durations[:k + 1]
         return durations, duty, events
 
+    def _decode_steps_that_fit(self, decodes: list[SimRequest]) -> int:
+        """How many decode steps the cache holds for this batch (the first is allocated already)."""
+        computed = np.array([r.computed for r in decodes])
+        held = np.array([r.kv_tokens for r in decodes])
+        b = self.cfg.block_size_tokens
+
+        def fits(k: int) -> bool:  # k steps: each request's k tokens
+            return int((-(-(computed + k) // b) * b - held).sum()) <= self.kv_free_tokens
+
+        lo, hi = 1, max(r.spec.output_len - r.generated for r in decodes)
+        if fits(hi):
+            return hi
+        while hi - lo > 1:  # fits(lo), not fits(hi)
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        return lo
+
     def _noise(self, n: int) -> np.ndarray | float:
         if self.noise <= 0 or self.rng is None:
             return 1.0
@@ -236,6 +290,14 @@ class Server:
         return (float(self.run.ends_s[-1]), SERVER, lambda t: self._run_end(t, gen))
 
     # -- completion ------------------------------------------------------
+    def _allocate_run(self, r: SimRequest) -> None:
+        """Slots for the steps of a bulk decode run after its first (planned to fit)."""
+        need = self.block_round(r.computed) - r.kv_tokens
+        if need > 0:
+            assert need <= self.kv_free_tokens, (need, self.kv_free_tokens)
+            self.kv_free_tokens -= need
+            r.kv_tokens += need
+
     def _run_end(self, now: float, gen: int) -> list[Event]:
         if gen != self._gen:
             return []  # cut short since
@@ -247,11 +309,13 @@ class Server:
         for r in run.decodes:
             r.token_times.append(run.ends_s if k > 1 else float(run.ends_s[0]))
             r.generated += k
+            r.computed += k
+            self._allocate_run(r)
         for r, chunk in run.prefills:
-            r.prefilled += chunk
-            if not r.in_prefill:
+            r.computed += chunk
+            if not r.in_prefill:  # its prompt (and any output to recompute) is in: the next token
                 r.token_times.append(float(run.ends_s[0]))
-                r.generated = 1
+                r.generated += 1
         finished = [r for r in self.running if r.generated >= r.spec.output_len]
         if finished:
             self.running = [r for r in self.running if r.generated < r.spec.output_len]

@@ -47,6 +47,7 @@ class SimOutcome:
     window_s: tuple[float, float] | None  # PEFT measurement window; None: none measurable
     kv_capacity_tokens: int
     server_iterations: int
+    preemptions: int  # requests the engine preempted because the KV cache was full
     events: int
     end_s: float  # simulated clock at the end
     memory: MemoryPlan  # the per-GPU split the trial ran with
@@ -140,6 +141,7 @@ class Simulation:
             window_s=window,
             kv_capacity_tokens=self.server.kv_free_tokens if self.server is not None else 0,
             server_iterations=self.server.iterations if self.server is not None else 0,
+            preemptions=self.server.preemptions if self.server is not None else 0,
             events=self.queue.handled,
             end_s=end,
             memory=self.memory,

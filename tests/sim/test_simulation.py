@@ -42,19 +42,25 @@ def test_simultaneous_arrivals_share_one_prefill_iteration():
     assert a.token_times_s == b.token_times_s
 
 
-def test_a_full_kv_cache_makes_requests_wait():
+def test_a_full_kv_cache_preempts_the_last_admitted_and_recomputes_it():
     from autotune.workloads.spec import RequestSpec, Workload
-    # llama-3.1-8b at 0.3 utilisation: ~4.8 GiB of KV, ~39k tokens: two 1024+1000 requests
-    # fit, not three that arrive together
+    # llama-3.1-8b at 0.3 utilisation on the H100: KV for ~39k tokens. 30 prompts of 1024
+    # tokens fit (as vLLM allocates slots step by step), their 30 x 1000 outputs do not: the
+    # requests admitted last are preempted, wait, recompute prompt + output so far, and finish.
     reqs = tuple(RequestSpec(0.0, 1024, 1000) for _ in range(30))
     w = Workload(reqs, 1.0, 0, True, "big")
     spec = spec_for("vllm-torchtune", workload=w, kind=TrialKind.SERVING_ALONE)
     from dataclasses import replace
     spec = replace(spec, policy=replace(spec.policy, gpu_memory_utilization=0.3))
     out = outcome(spec)
-    first = sorted(r.token_times_s[0] for r in out.records)
-    assert all(r.ok for r in out.records)
-    assert first[-1] > min(r.token_times_s[-1] for r in out.records)  # the last waited for a finish
+    assert all(r.ok and len(r.token_times_s) == 1000 for r in out.records)
+    assert out.preemptions > 0
+    first = [r.token_times_s[0] for r in out.records]
+    assert max(first) < 1.0  # every prompt was admitted at once: slots are allocated as tokens come
+    stall = [max(b - a for a, b in zip(r.token_times_s, r.token_times_s[1:])) for r in out.records]
+    # the preempted waited seconds; the others only sat through steps that carried a recompute (~0.2 s)
+    assert max(stall) > 1.0 and min(stall) < 0.3
+    assert out.records[0].token_times_s[-1] < out.records[-1].token_times_s[-1]  # FCFS: the first ends first
 
 
 def test_requests_longer_than_max_model_len_fail():
