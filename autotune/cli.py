@@ -39,14 +39,28 @@ def _click_exceptions(name: str) -> tuple[type[BaseException], ...]:
     return tuple(classes)
 
 
+class _Interrupted(Exception):
+    """Ctrl-C on its way past Typer, which would turn a KeyboardInterrupt into
+    a bare exit code and drop what it says."""
+
+
 class _Group(TyperGroup):
     """Every user error is one line on stderr and exit code 2, every failure of
-    the environment one line and exit code 1; no traceback."""
+    the environment one line and exit code 1, Ctrl-C one line and exit code
+    130; no traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as e:
+            raise _Interrupted(str(e)) from None
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         err = Console(stderr=True, highlight=False, soft_wrap=True)
         try:
-            super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            if code == 130:  # a Ctrl-C that Typer caught itself
+                raise _Interrupted()
         except EnvironmentFailure as e:  # before UserError, its base class
             err.print(f"autotune: error: {e}", markup=False)
             sys.exit(1)
@@ -59,8 +73,10 @@ class _Group(TyperGroup):
         except _click_exceptions("UsageError") as e:
             err.print(f"autotune: error: {_usage_message(e)}", markup=False)
             sys.exit(2)
-        except (KeyboardInterrupt, *_click_exceptions("Abort")):
-            err.print("autotune: interrupted; the study keeps every finished trial", markup=False)
+        except (_Interrupted, KeyboardInterrupt, *_click_exceptions("Abort")) as e:
+            why = str(e) if isinstance(e, (_Interrupted, KeyboardInterrupt)) and str(e) else \
+                "the study keeps every finished trial"
+            err.print(f"autotune: interrupted; {why}", markup=False)
             sys.exit(130)
         sys.exit(0)
 
@@ -68,7 +84,7 @@ class _Group(TyperGroup):
 def _usage_message(e) -> str:
     msg = " ".join(e.format_message().split()).replace("Value error, ", "")
     if "No such command" in msg:
-        msg += f" Choose one of: {', '.join([*SYSTEMS, 'workload', 'show', 'list', 'calibrate'])}."
+        msg += f" Choose one of: {', '.join([*SYSTEMS, 'figure', 'workload', 'show', 'list', 'calibrate'])}."
     return msg
 
 
@@ -217,6 +233,54 @@ for _name in SYSTEMS:
     app.command(name=_name)(_tune(_name))
 
 
+@app.command(name="figure")
+def figure_command(
+    figure: Annotated[str, typer.Argument(help="fig8a or fig9a")],
+    systems: Annotated[str, typer.Option(help="'all' or systems separated by commas")] = "all",
+    rates: Annotated[Optional[str], typer.Option(help="request rates, req/s, separated by commas "
+                                                 "(default: the figure's preset r and r/4, r/2, 3r/4)")] = None,
+    trials: Annotated[int, typer.Option(min=1, help="trials each study should have (only missing ones run)")] = 20,
+    backend: Annotated[BackendName, typer.Option(help="sim: embedded simulator, studies side by side; "
+                                                 "gpu: one after another")] = BackendName["sim"],
+    hardware: Annotated[Optional[str], typer.Option(help="sim: packaged hardware profile "
+                                                    f"(default {DEFAULT_PROFILE})")] = None,
+    out: Annotated[Path, typer.Option(help="FIG.csv, FIG.png, FIG.svg, json/, studies/, "
+                                      "logs/")] = Path("autotune-figures"),
+    seed: Annotated[int, typer.Option(help="seed of the workloads and samplers")] = 0,
+    plain: Annotated[bool, typer.Option(help="one line per finished study instead of the live table")] = False,
+    workers: Annotated[Optional[int], typer.Option(help="sim: studies run side by side "
+                                                   "(default: the CPU count)")] = None,
+    num_prompts: Annotated[Optional[int], typer.Option(help="requests per trial (default: the figure's)")] = None,
+    sampler: Annotated[Sampler, typer.Option(help="Optuna sampler")] = Sampler[DEFAULT_SAMPLER],
+    slo_ttft_ms: Annotated[Optional[float], typer.Option(help="absolute P99 TTFT limit, ms")] = None,
+    slo_tpot_ms: Annotated[Optional[float], typer.Option(help="absolute P99 TPOT limit, ms")] = None,
+    slo_ttft_ratio: Annotated[Optional[float], typer.Option(help="P99 TTFT limit as a multiple of serving alone "
+                                                            "(default: the paper's 500 ms)")] = None,
+    slo_tpot_ratio: Annotated[Optional[float], typer.Option(help="P99 TPOT limit as a multiple of serving alone "
+                                                            "(default: the paper's 50 ms for 8B)")] = None,
+    storage: Annotated[Optional[str], typer.Option(help="one Optuna storage URL for every study "
+                                                   "(default: a SQLite file per study under OUT/studies)")] = None,
+) -> None:
+    """Run (or resume) one study per system and request rate and draw the figure: FIG.csv, FIG.png, FIG.svg."""
+    from autotune.figure import FigureRequest, check_figure, parse_rates, parse_systems, run_figure
+    from autotune.study import MAX_SEED
+
+    check_figure(figure)
+    request = FigureRequest(
+        figure=figure, systems=parse_systems(systems), rates_req_s=parse_rates(rates) if rates is not None else None,
+        trials=trials, out_dir=out, backend=backend.value, hardware=hardware, seed=seed, sampler=sampler.value,
+        num_prompts=num_prompts, slo=SloSpec(slo_ttft_ms, slo_tpot_ms, slo_ttft_ratio, slo_tpot_ratio),
+        storage=storage, workers=workers if workers is not None else (os.cpu_count() or 1),
+    )
+    if workers is not None and workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
+    if num_prompts is not None and num_prompts < 1:
+        raise UserError(f"--num-prompts must be at least 1, got {num_prompts}")
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"--seed must be in 0..{MAX_SEED} (2**32 - 1), got {seed}")
+    run_figure(request, Console(file=sys.stdout), plain)
+
+
 @app.command()
 def workload(
     figure: Annotated[Figure, typer.Argument(help="figure preset")],
@@ -262,7 +326,8 @@ def workload(
 
 @app.command()
 def show(
-    study_name: Annotated[str, typer.Argument(help="the study's name (as printed when it ran)")],
+    study_name: Annotated[str, typer.Argument(help="the study's name (as printed when it ran), or a study's "
+                                              "SQLite file (autotune figure's OUT/studies/STUDY.db)")],
     storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL (default: SQLite under --runs-dir)")] = None,
     runs_dir: Annotated[Path, typer.Option()] = Path("autotune-runs"),
     json_path: Annotated[Optional[Path], typer.Option("--json", help="write the results here")] = None,
@@ -272,12 +337,16 @@ def show(
     from autotune.live import trial_table
     from autotune.results import format_params, load_result, pareto_front, summary_text, write_json
 
-    url = storage or f"sqlite:///{runs_dir / 'studies.db'}"
+    name: str | None = study_name
+    if storage is None and study_name.endswith(".db") and Path(study_name).is_file():  # a file of one study
+        url, name = f"sqlite:///{study_name}", None
+    else:
+        url = storage or f"sqlite:///{runs_dir / 'studies.db'}"
     if json_path is not None:
         _check_json(json_path, {_sqlite_file(url): "study database"})
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
         raise UserError(f"no study database at {url.removeprefix('sqlite:///')}")
-    result = load_result(url, study_name)
+    result = load_result(url, name)
     slo = result.slo or {}
     knobs = list(result.rows[0].params) if result.rows else []
     Console().print(trial_table(result.rows, knobs, slo.get("ttft_p99_ms"), slo.get("tpot_p99_ms"), max_rows=None))

@@ -219,15 +219,30 @@ def pareto_front(rows: Sequence[TrialRow], latency: str = "tpot_p99_ms",
     return sorted(front, key=lambda r: r.metrics[throughput])
 
 
-def load_result(storage: str, study_name: str) -> StudyResult:
-    """For notebooks: the result of a stored study."""
+def load_result(storage: str, study_name: str | None = None) -> StudyResult:
+    """For notebooks: the result of a stored study (``study_name`` None: the
+    storage's only study, as in a file of ``autotune figure``'s ``studies/``)."""
     from autotune.study import open_storage
 
+    backing = open_storage(storage)
+    if study_name is None:
+        names = optuna.get_all_study_names(backing)
+        if len(names) != 1:
+            raise UserError(f"{storage} holds {len(names)} studies ({', '.join(names) or 'none'}); name one")
+        study_name = names[0]
     try:
-        study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
+        study = optuna.load_study(study_name=study_name, storage=backing)
     except KeyError:
         raise UserError(f"no study named {study_name!r} in {storage}") from None
     return StudyResult.of(study)
+
+
+def load_study_file(path: Path) -> StudyResult:
+    """The result of the one study in a SQLite file (``autotune figure``'s ``OUT/studies/STUDY.db``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no study database at {path}")
+    return load_result(f"sqlite:///{path}")
 
 
 def format_params(params: dict[str, float]) -> str:

@@ -17,7 +17,8 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -390,16 +391,37 @@ class ReferenceCache:
         return self._load().get(key)
 
     def put(self, key: str, record: dict[str, Any]) -> None:
-        data = self._load()
-        data[key] = record
+        """Add one record. Studies running side by side (``autotune figure``)
+        share the file: read, add and replace happen under a lock on its
+        folder, each writer through a temporary file of its own."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        try:
-            tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
-            tmp.replace(self.path)  # atomic: a crash never leaves half a file
-        except OSError:
-            tmp.unlink(missing_ok=True)
-            raise
+        with _folder_lock(self.path.parent):
+            data = self._load()
+            data[key] = record
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            try:
+                tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
+                tmp.replace(self.path)  # atomic: a crash never leaves half a file
+            except OSError:
+                tmp.unlink(missing_ok=True)
+                raise
+
+
+@contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock between processes, on ``folder`` itself (no lock
+    file left behind); without ``fcntl`` (not POSIX) no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def _reference_key(ctx: StudyContext, kind: TrialKind) -> str:
