@@ -263,7 +263,7 @@ def figure_command(
 ) -> None:
     """Run (or resume) one study per system and request rate and draw the figure: FIG.csv, FIG.png, FIG.svg."""
     from autotune.figure import FigureRequest, check_figure, parse_rates, parse_systems, run_figure
-    from autotune.study import MAX_SEED
+    from autotune.study import check_seed
 
     check_figure(figure)
     request = FigureRequest(
@@ -276,8 +276,7 @@ def figure_command(
         raise UserError(f"--workers must be at least 1, got {workers}")
     if num_prompts is not None and num_prompts < 1:
         raise UserError(f"--num-prompts must be at least 1, got {num_prompts}")
-    if not 0 <= seed <= MAX_SEED:
-        raise UserError(f"--seed must be in 0..{MAX_SEED} (2**32 - 1), got {seed}")
+    check_seed(seed)
     run_figure(request, Console(file=sys.stdout), plain)
 
 
@@ -377,6 +376,7 @@ def calibrate(
     whose host-side numbers are fitted to it."""
     from autotune.backends import make_backend
     from autotune.calibrate import fit_host_side, gpu_driver, measure, measurement_specs, profile_toml, targets_of
+    from autotune.figure import parse_rates
     from autotune.sim.profile import load_profile, packaged_profiles
     from autotune.study import _resolve_model, check_runs_dir
 
@@ -387,12 +387,9 @@ def calibrate(
     if not os.access(out.parent, os.W_OK | os.X_OK):
         raise EnvironmentFailure(f"--out {out}: folder {out.parent} is not writable")
     check_runs_dir(runs_dir)
-    try:
-        rates_req_s = [float(r) for r in rates.split(",") if r.strip()]
-    except ValueError:
-        raise UserError(f"--rates must be numbers separated by commas, got {rates!r}") from None
-    if not rates_req_s or not all(r > 0 for r in rates_req_s) or not trial_seconds > 0:
-        raise UserError("--rates and --trial-seconds must be positive")
+    rates_req_s = parse_rates(rates)
+    if not trial_seconds > 0:
+        raise UserError(f"--trial-seconds must be positive, got {trial_seconds:g}")
     model_config = _resolve_model(model)
     with make_backend("gpu", runs_dir=runs_dir, gpus=gpus,
                       model_path=Path(model) if Path(model).is_dir() else None) as backend:

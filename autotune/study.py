@@ -224,10 +224,15 @@ def _check_figure_options(config: StudyConfig, figure: FigurePreset) -> None:
         raise UserError(f"--confirm re-runs settings against the SLO; {figure.name} serves nothing and has none")
     if config.trial_seconds is not None and not config.trial_seconds > 0:
         raise UserError(f"--trial-seconds must be positive, got {config.trial_seconds:g}")
-    if not 0 <= config.seed <= MAX_SEED:
-        raise UserError(f"--seed must be in 0..{MAX_SEED} (2**32 - 1), got {config.seed}")
+    check_seed(config.seed)
     if config.tokenizer_path is not None and config.sharegpt_path is None:
         raise UserError("--tokenizer counts the tokens of --sharegpt prompts; give --sharegpt FILE too")
+
+
+def check_seed(seed: int) -> None:
+    """The seed NumPy's generators take (the samplers', the workloads')."""
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"--seed must be in 0..{MAX_SEED} (2**32 - 1), got {seed}")
 
 
 def _build_workload(config: StudyConfig, figure: FigurePreset, system: System, rate: float) -> Workload | None:
