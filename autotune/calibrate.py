@@ -25,7 +25,7 @@ from autotune.models import ModelConfig
 from autotune.policy import SAMPLE_TOKENS, Preemption
 from autotune.sim.backend import SimBackend
 from autotune.sim.fit import Fit, Param, Target, fit
-from autotune.sim.profile import MEASURED_SECTIONS, Profile
+from autotune.sim.profile import MEASURED_SECTIONS, Profile, is_carried
 from autotune.systems import get_system
 from autotune.trial import TrialKind, TrialResult, TrialSpec
 from autotune.workloads.build import WorkloadOptions, build_workload
@@ -131,7 +131,7 @@ def profile_toml(name: str, base: Profile, result: Fit, machine: dict[str, objec
     ]
     for f in fields(d):
         lines.append(f"{f.name} = {_toml_value(getattr(d, f.name))}")
-    own = {k: _field(base, k) for k, how in base.field_provenance.items() if " on " not in how}
+    own = {k: _field(base, k) for k, how in base.field_provenance.items() if not is_carried(how)}
     values = {**own, **result.fields}
     provenance = {**{k: base.field_provenance[k] for k in own}, **{k: "fitted" for k in result.fields}}
     for section in MEASURED_SECTIONS:

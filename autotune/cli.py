@@ -378,7 +378,8 @@ def calibrate(
     from autotune.calibrate import fit_host_side, gpu_driver, measure, measurement_specs, profile_toml, targets_of
     from autotune.figure import parse_rates
     from autotune.sim.profile import load_profile, packaged_profiles
-    from autotune.study import _resolve_model, check_runs_dir
+    from autotune.models import resolve_model
+    from autotune.study import check_runs_dir
 
     if out.exists():
         raise UserError(f"--out {out} exists; calibrate never overwrites a profile")
@@ -390,7 +391,7 @@ def calibrate(
     rates_req_s = parse_rates(rates)
     if not trial_seconds > 0:
         raise UserError(f"--trial-seconds must be positive, got {trial_seconds:g}")
-    model_config = _resolve_model(model)
+    model_config = resolve_model(model)
     with make_backend("gpu", runs_dir=runs_dir, gpus=gpus,
                       model_path=Path(model) if Path(model).is_dir() else None) as backend:
         if base is None:

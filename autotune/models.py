@@ -162,3 +162,11 @@ def from_name(name: str) -> ModelConfig:
         raise UserError(
             f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}"
         ) from None
+
+
+def resolve_model(name_or_path: str) -> ModelConfig:
+    """A local folder with a Hugging Face ``config.json``, or a preset's name."""
+    path = Path(name_or_path)
+    if (path / "config.json").is_file():
+        return from_hf_config(path)
+    return from_name(name_or_path)

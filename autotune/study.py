@@ -30,7 +30,7 @@ from autotune.confirm import Confirmation, confirm
 from autotune.errors import EnvironmentFailure, UserError, os_error
 from autotune.figures import FigurePreset, get_figure
 from autotune.knobs import SearchSpace
-from autotune.models import ModelConfig, from_name
+from autotune.models import ModelConfig, resolve_model
 from autotune.policy import SAMPLE_TOKENS, Preemption
 from autotune.samplers import DEFAULT_SAMPLER, make_sampler
 from autotune.slo import CONSTRAINT_KEYS, CRASH_VIOLATION, ResolvedSlo, SloSpec, constraint_margins, feasible, resolve
@@ -298,7 +298,7 @@ def prepare(config: StudyConfig, backend: Backend) -> StudyContext:
     figure = get_figure(config.figure)
     _check_figure_options(config, figure)
     space = system.search_space(config.search_space_path)
-    model = _resolve_model(config.model or figure.model)
+    model = resolve_model(config.model or figure.model)
     if config.rate_req_s is not None:
         rate, basis = config.rate_req_s, "--rate"
     else:
@@ -332,15 +332,6 @@ def prepare(config: StudyConfig, backend: Backend) -> StudyContext:
         study.set_user_attr("identity", identity)
         study.set_user_attr("config", _config_record(config, figure, model, rate, basis, workload, space, backend))
     return StudyContext(config, system, figure, space, model, rate, basis, workload, study, backend)
-
-
-def _resolve_model(name_or_path: str) -> ModelConfig:
-    path = Path(name_or_path)
-    if (path / "config.json").is_file():
-        from autotune.models import from_hf_config
-
-        return from_hf_config(path)
-    return from_name(name_or_path)
 
 
 def _config_record(config: StudyConfig, figure: FigurePreset, model: ModelConfig, rate: float, basis: str,

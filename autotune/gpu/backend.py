@@ -31,7 +31,7 @@ import re
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any

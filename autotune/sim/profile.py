@@ -154,7 +154,7 @@ class Profile:
         """How many measured-section numbers are of each provenance."""
         counts: dict[str, int] = {}
         for how in self.field_provenance.values():
-            key = "carried over" if " on " in how else how
+            key = "carried over" if is_carried(how) else how
             counts[key] = counts.get(key, 0) + 1
         return counts
 
@@ -165,6 +165,11 @@ class Profile:
         counts = ", ".join(f"{n} {k}" for k, n in sorted(self.provenance_counts().items()))
         carried = f"; measured sections carried over from {self.carries}" if self.carries else ""
         return f"{gpus} ({d.gpu_memory_gib:g} GiB, {d.interconnect}): {self.status}{carried} [{counts}]"
+
+
+def is_carried(provenance: str) -> bool:
+    """Whether a field's provenance says it came from the carried profile ("measured on h100-80gb")."""
+    return " on " in provenance
 
 
 def load_profile(profile: str | Path | None = None) -> Profile:
