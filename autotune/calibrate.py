@@ -2,15 +2,19 @@
 
 Measures, through the real backend, what the host side of a profile needs
 (serving alone at a few rates: the API server's delay and the engine's
-per-iteration and per-request costs; the trainer alone: its host times), fits
-those numbers with ``autotune.sim.fit`` on a base profile that gives the
-datasheet and everything else (efficiencies, the MPS contention model), and
-writes a TOML profile that says where every number came from and on what
-GPU, driver, CUDA, PyTorch and vLLM it was measured.
+per-iteration and per-request costs) and how the trainer splits its time
+between the host and the GPU (the trainer alone with every thread, then
+capped by MPS at a few active-thread percentages: a launch-bound trainer
+barely slows until its GPU time, stretched by the cap, outgrows its host
+time; where that happens says how much of a step is GPU work). It fits those
+numbers with ``autotune.sim.fit`` on a base profile that gives the datasheet
+and everything else (efficiencies, the MPS contention model), and writes a
+TOML profile that says where every number came from and on what GPU, driver,
+CUDA, PyTorch and vLLM it was measured.
 
 What it does not measure yet (the base profile's numbers stand, marked as
-carried over): the GEMM and bandwidth roofline, each side's slowdown beside
-the other under MPS, and the cost of a pause.
+carried over): the GEMM and bandwidth roofline, the MPS share law of a single
+GEMM and each side's slowdown beside the other, and the cost of a pause.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from datetime import datetime, timezone
 
+from autotune.errors import UserError
 from autotune.models import ModelConfig
 from autotune.policy import SAMPLE_TOKENS, Preemption
 from autotune.sim.backend import SimBackend
@@ -30,19 +35,35 @@ from autotune.systems import get_system
 from autotune.trial import TrialKind, TrialResult, TrialSpec
 from autotune.workloads.build import WorkloadOptions, build_workload
 
-#: The host-side numbers a calibration fits, each in a physical range.
-HOST_PARAMS = (
+#: The numbers a calibration fits, each in a physical range.
+FIT_PARAMS = (
     Param("frontend delay", ("serving.frontend_delay_ms",), 2.0, 40.0),
     Param("iteration overhead", ("serving.iteration_overhead_ms",), 0.2, 4.0),
     Param("per-request overhead", ("serving.seq_overhead_ms",), 0.0, 0.15),
     Param("trainer host time scale", ("trainer.host_embed_ms", "trainer.host_layer_forward_ms",
                                       "trainer.host_head_loss_ms", "trainer.host_layer_backward_ms",
                                       "trainer.host_optimizer_ms"), 0.2, 1.5, scale=True),
+    Param("trainer GPU time factor", ("trainer.gpu_eager_factor",), 0.5, 4.0),
 )
 #: The server the measurements run: the artifact's vLLM + torchtune (MPS on, 0.45 of the memory).
 CALIBRATION_SYSTEM = "vllm-torchtune"
 DEFAULT_RATES_REQ_S = (4.0, 24.0)
 DEFAULT_TRIAL_SECONDS = 20.0
+DEFAULT_MPS_THREAD_PCTS = (10, 40)  # the trainer alone, capped: its GPU time shows
+
+
+def parse_thread_pcts(text: str) -> tuple[int, ...]:
+    """``--mps-thread-pcts``: whole percentages in 1..99, comma-separated, or none."""
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        try:
+            pct = int(part)
+        except ValueError:
+            raise UserError(f"--mps-thread-pcts: {part!r} is not a whole percentage") from None
+        if not 1 <= pct <= 99:
+            raise UserError(f"--mps-thread-pcts: {pct} is not in 1..99 (100 is the uncapped run, always made)")
+        out.append(pct)
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -54,9 +75,12 @@ class Measurement:
 
 
 def measurement_specs(model: ModelConfig, rates_req_s: Sequence[float] = DEFAULT_RATES_REQ_S,
-                      trial_seconds: float = DEFAULT_TRIAL_SECONDS, seed: int = 0) -> list[Measurement]:
+                      trial_seconds: float = DEFAULT_TRIAL_SECONDS,
+                      mps_thread_pcts: Sequence[int] = DEFAULT_MPS_THREAD_PCTS,
+                      seed: int = 0) -> list[Measurement]:
     """Serving alone on fig8a's workload (Poisson, ShareGPT-like lengths) at
-    each rate, then the trainer alone on full samples."""
+    each rate, then the trainer alone on full samples: with every thread, and
+    under MPS at each active-thread percentage."""
     system = get_system(CALIBRATION_SYSTEM)
     policy = system.policy(system.default_params())
     out = []
@@ -67,11 +91,13 @@ def measurement_specs(model: ModelConfig, rates_req_s: Sequence[float] = DEFAULT
         spec = TrialSpec(TrialKind.SERVING_ALONE, system.name, {}, policy, model, workload, seed,
                          label=f"calibrate-serving-{rate:g}rps")
         out.append(Measurement(name, spec, ("ttft_p50_ms", "tpot_p50_ms"), (1.0, 2.0)))
-    trainer = replace(policy, trainer_mps_active_thread_pct=100, trainer_seq_len_tokens=SAMPLE_TOKENS,
-                      preemption=Preemption.NONE)
-    spec = TrialSpec(TrialKind.TRAINER_ALONE, system.name, {}, trainer, model, None, seed,
-                     label="calibrate-trainer-alone")
-    out.append(Measurement("trainer alone", spec, ("peft_samples_per_s",), (2.0,)))
+    for pct in (100, *mps_thread_pcts):
+        trainer = replace(policy, trainer_mps_active_thread_pct=pct, trainer_seq_len_tokens=SAMPLE_TOKENS,
+                          preemption=Preemption.NONE)
+        capped = f" at {pct}% MPS threads" if pct < 100 else ""
+        spec = TrialSpec(TrialKind.TRAINER_ALONE, system.name, {}, trainer, model, None, seed,
+                         label=f"calibrate-trainer-alone-{pct}pct")
+        out.append(Measurement("trainer alone" + capped, spec, ("peft_samples_per_s",), (2.0,)))
     return out
 
 
@@ -86,9 +112,9 @@ def targets_of(measured: Sequence[tuple[Measurement, TrialResult]]) -> list[Targ
     return out
 
 
-def fit_host_side(base: Profile, targets: Sequence[Target], sweeps: int = 5) -> Fit:
-    """The host-side numbers of ``base`` fitted to ``targets`` on the simulator."""
-    return fit(base, targets, HOST_PARAMS, lambda profile, spec: SimBackend(profile).run_trial(spec), sweeps=sweeps)
+def fit_measured(base: Profile, targets: Sequence[Target], sweeps: int = 5) -> Fit:
+    """The numbers of ``FIT_PARAMS`` in ``base`` fitted to ``targets`` on the simulator."""
+    return fit(base, targets, FIT_PARAMS, lambda profile, spec: SimBackend(profile).run_trial(spec), sweeps=sweeps)
 
 
 def gpu_driver() -> str:
@@ -123,7 +149,8 @@ def profile_toml(name: str, base: Profile, result: Fit, machine: dict[str, objec
         "# Datasheet numbers are the base profile's; unmeasured numbers are carried over from it.",
         "",
         "[profile]",
-        f'provenance = "{d.gpu}: host-side numbers fitted by autotune calibrate; the rest from {base.name}"',
+        f'provenance = "{d.gpu}: host-side numbers and the trainer GPU time fitted by autotune calibrate; '
+        f'the rest from {base.name}"',
         'status = "modelled"',
         f'carries = "{carries}"',
         "",

@@ -369,13 +369,23 @@ def calibrate(
                                                 "(default: this GPU's packaged one)")] = None,
     rates: Annotated[str, typer.Option(help="serving-alone rates to measure, req/s, comma-separated")] = "4,24",
     trial_seconds: Annotated[float, typer.Option(help="traffic window of each serving run, s")] = 20.0,
+    mps_thread_pcts: Annotated[str, typer.Option(help="MPS active-thread %s to run the trainer alone at "
+                                                 "(comma-separated; \"\" for none)")] = "10,40",
     name: Annotated[Optional[str], typer.Option(help="the profile's name (default: the file's stem)")] = None,
     runs_dir: Annotated[Path, typer.Option(help="logs of the runs")] = Path("autotune-runs"),
 ) -> None:
-    """Measure this GPU (vLLM alone at a few rates, the trainer alone) and write a simulator profile
-    whose host-side numbers are fitted to it."""
+    """Measure this GPU (vLLM alone at a few rates, the trainer alone with every thread and capped by MPS)
+    and write a simulator profile whose host-side numbers and trainer GPU time are fitted to it."""
     from autotune.backends import make_backend
-    from autotune.calibrate import fit_host_side, gpu_driver, measure, measurement_specs, profile_toml, targets_of
+    from autotune.calibrate import (
+        fit_measured,
+        gpu_driver,
+        measure,
+        measurement_specs,
+        parse_thread_pcts,
+        profile_toml,
+        targets_of,
+    )
     from autotune.figure import parse_rates
     from autotune.sim.profile import load_profile, packaged_profiles
     from autotune.models import resolve_model
@@ -389,6 +399,7 @@ def calibrate(
         raise EnvironmentFailure(f"--out {out}: folder {out.parent} is not writable")
     check_runs_dir(runs_dir)
     rates_req_s = parse_rates(rates)
+    thread_pcts = parse_thread_pcts(mps_thread_pcts)
     if not trial_seconds > 0:
         raise UserError(f"--trial-seconds must be positive, got {trial_seconds:g}")
     model_config = resolve_model(model)
@@ -401,13 +412,14 @@ def calibrate(
                 raise UserError(f"no packaged profile for {hw}; give --base FILE with its [datasheet]")
         base_profile = load_profile(base).with_gpus(gpus)
         print(f"calibrating {backend.hardware} on {model_config.name}; base profile {base}")
-        measured = measure(backend.run_trial, measurement_specs(model_config, rates_req_s, trial_seconds))
+        measured = measure(backend.run_trial, measurement_specs(model_config, rates_req_s, trial_seconds,
+                                                                thread_pcts))
         info = backend.describe()
     targets = targets_of(measured)
     if not targets:
         raise UserError("every calibration run crashed; see the logs under --runs-dir")
     print(f"fitting {len(targets)} measured numbers ...")
-    result = fit_host_side(base_profile, targets)
+    result = fit_measured(base_profile, targets)
     machine = {"gpu": info.get("gpu"), "gpus": gpus, "memory_mib": info.get("gpu_memory_mib"),
                "driver": gpu_driver(), "cuda": info.get("cuda"), "torch": info.get("torch"), "vllm": info.get("vllm")}
     command = " ".join(["autotune calibrate", *sys.argv[2:]]) if sys.argv[1:2] == ["calibrate"] else "autotune calibrate"

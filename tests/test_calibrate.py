@@ -8,14 +8,16 @@ import pytest
 from typer.testing import CliRunner
 
 from autotune.calibrate import (
-    HOST_PARAMS,
-    fit_host_side,
+    FIT_PARAMS,
+    fit_measured,
     measure,
     measurement_specs,
+    parse_thread_pcts,
     profile_toml,
     targets_of,
 )
 from autotune.cli import app
+from autotune.errors import UserError
 from autotune.models import from_name
 from autotune.sim.backend import SimBackend
 from autotune.sim.fit import with_fields
@@ -25,8 +27,8 @@ from autotune.trial import TrialKind, TrialResult
 LLAMA8B = from_name("llama-3.1-8b")
 BASE = load_profile("h200-datasheet")
 TRUE = {"serving.frontend_delay_ms": 14.0, "serving.iteration_overhead_ms": 0.8,
-        "serving.seq_overhead_ms": 0.04, **{k: getattr(BASE.trainer, k.split(".")[1]) * 0.7
-                                            for k in HOST_PARAMS[3].fields}}
+        "serving.seq_overhead_ms": 0.04, "trainer.gpu_eager_factor": 1.8,
+        **{k: getattr(BASE.trainer, k.split(".")[1]) * 0.7 for k in FIT_PARAMS[3].fields}}
 
 
 @pytest.fixture(scope="module")
@@ -36,18 +38,28 @@ def measured():
     return measure(truth.run_trial, specs, progress=lambda line: None)
 
 
-def test_measurements_are_serving_alone_at_each_rate_then_the_trainer_alone():
-    specs = measurement_specs(LLAMA8B, rates_req_s=(2.0, 8.0), trial_seconds=10.0)
-    assert [s.spec.kind for s in specs] == [TrialKind.SERVING_ALONE] * 2 + [TrialKind.TRAINER_ALONE]
+def test_measurements_are_serving_alone_at_each_rate_then_the_trainer_alone_uncapped_and_capped():
+    specs = measurement_specs(LLAMA8B, rates_req_s=(2.0, 8.0), trial_seconds=10.0, mps_thread_pcts=(10, 40))
+    assert [s.spec.kind for s in specs] == [TrialKind.SERVING_ALONE] * 2 + [TrialKind.TRAINER_ALONE] * 3
     assert [len(s.spec.workload) for s in specs[:2]] == [20, 80]
     assert specs[0].spec.policy.mps and specs[0].spec.policy.gpu_memory_utilization == 0.45
-    assert specs[2].spec.policy.trainer_seq_len_tokens == 512 and specs[2].spec.workload is None
-    assert len({s.spec.label for s in specs}) == 3  # each run its own logs and prompts
+    assert all(s.spec.policy.trainer_seq_len_tokens == 512 and s.spec.workload is None for s in specs[2:])
+    assert [s.spec.policy.trainer_mps_active_thread_pct for s in specs[2:]] == [100, 10, 40]
+    assert all(s.spec.policy.mps for s in specs[2:])  # the cap is an MPS client setting
+    assert len({s.spec.label for s in specs}) == 5  # each run its own logs and prompts
 
 
-def test_the_fit_finds_known_host_side_numbers_again(measured):
-    result = fit_host_side(BASE, targets_of(measured), sweeps=4)
-    for key in ("serving.frontend_delay_ms", "trainer.host_layer_backward_ms"):
+def test_thread_percentages_parse_or_fail_in_one_line():
+    assert parse_thread_pcts("10, 40") == (10, 40)
+    assert parse_thread_pcts("") == ()
+    for bad in ("x", "0", "100", "12.5"):
+        with pytest.raises(UserError, match="--mps-thread-pcts"):
+            parse_thread_pcts(bad)
+
+
+def test_the_fit_finds_known_host_side_numbers_and_the_trainer_gpu_time_again(measured):
+    result = fit_measured(BASE, targets_of(measured), sweeps=4)
+    for key in ("serving.frontend_delay_ms", "trainer.host_layer_backward_ms", "trainer.gpu_eager_factor"):
         assert result.fields[key] == pytest.approx(TRUE[key], rel=0.05), key
     assert max(abs(r) for r in result.residuals.values()) < 0.03
     assert result.loss < 1e-3
@@ -60,7 +72,7 @@ def test_a_crashed_measurement_is_left_out_of_the_targets(measured):
 
 
 def test_the_written_profile_loads_and_says_where_each_number_came_from(measured, tmp_path):
-    result = fit_host_side(BASE, targets_of(measured), sweeps=1)
+    result = fit_measured(BASE, targets_of(measured), sweeps=1)
     machine = {"gpu": "NVIDIA H200", "gpus": 1, "driver": "580.159.04", "torch": "2.11.0", "vllm": "0.20.0"}
     text = profile_toml("my-h200", BASE, result, machine, measured, "autotune calibrate --out x.toml")
     p = parse_profile(text, "my-h200.toml")
