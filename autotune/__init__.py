@@ -23,7 +23,7 @@ _PUBLIC = {
     "StudyResult": "autotune.results",
     "TrialRow": "autotune.results",
     "load_result": "autotune.results",
-    "pareto_front": "autotune.results",
+    "tradeoff_curve": "autotune.results",
     "get_system": "autotune.systems",
     "get_figure": "autotune.figures",
     "UserError": "autotune.errors",

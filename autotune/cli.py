@@ -102,6 +102,9 @@ Figure = enum.Enum("Figure", {name: name for name in FIGURES}, type=str)
 Sampler = enum.Enum("Sampler", {name: name for name in SAMPLERS}, type=str)
 LoraDist = enum.Enum("LoraDist", {name: name for name in LORA_DISTS}, type=str)
 BackendName = enum.Enum("BackendName", {"sim": "sim", "gpu": "gpu"}, type=str)
+Objective = enum.Enum("Objective", {"peft": "peft", "pareto": "pareto"}, type=str)
+_OBJECTIVE_HELP = ("peft: max PEFT samples/s under the SLO; pareto: also min P99 TTFT and P99 TPOT "
+                   "(multi-objective; the SLO still marks feasibility)")
 
 
 def _tune(system: str):
@@ -112,6 +115,7 @@ def _tune(system: str):
         num_prompts: Annotated[Optional[int], typer.Option(help="requests per trial (default: the figure's)")] = None,
         backend: Annotated[BackendName, typer.Option(help="sim: embedded simulator; gpu: real trials")] = BackendName["sim"],
         sampler: Annotated[Sampler, typer.Option(help="Optuna sampler")] = Sampler[DEFAULT_SAMPLER],
+        objective: Annotated[Objective, typer.Option(help=_OBJECTIVE_HELP)] = Objective["peft"],
         seed: Annotated[int, typer.Option(help="seed of the workload, sampler and simulator noise")] = 0,
         slo_ttft_ms: Annotated[Optional[float], typer.Option(help="absolute P99 TTFT limit, ms")] = None,
         slo_tpot_ms: Annotated[Optional[float], typer.Option(help="absolute P99 TPOT limit, ms")] = None,
@@ -158,6 +162,7 @@ def _tune(system: str):
             search_space_path=search_space, sharegpt_path=sharegpt, burstgpt_path=burstgpt,
             tokenizer_path=tokenizer, lora_dist=lora_dist.value if lora_dist else None, lora_rank=lora_rank,
             trial_seconds=trial_seconds, warmup_s=warmup_s, runs_dir=runs_dir, confirm_workloads=confirm,
+            objective=objective.value,
         )
         if gpus is not None and gpus < 1:
             raise UserError(f"--gpus must be at least 1, got {gpus}")
@@ -330,11 +335,12 @@ def show(
     storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL (default: SQLite under --runs-dir)")] = None,
     runs_dir: Annotated[Path, typer.Option()] = Path("autotune-runs"),
     json_path: Annotated[Optional[Path], typer.Option("--json", help="write the results here")] = None,
-    pareto: Annotated[bool, typer.Option(help="print the P99 TPOT vs PEFT-throughput Pareto front")] = False,
+    pareto: Annotated[bool, typer.Option(help="print the trade-off curves of P99 TTFT and P99 TPOT against "
+                                         "PEFT samples/s (all measured trials)")] = False,
 ) -> None:
     """The trials and best setting of a stored study."""
     from autotune.live import trial_table
-    from autotune.results import format_params, load_result, pareto_front, summary_text, write_json
+    from autotune.results import format_params, load_result, summary_text, tradeoff_curve, write_json
 
     name: str | None = study_name
     if storage is None and study_name.endswith(".db") and Path(study_name).is_file():  # a file of one study
@@ -348,13 +354,15 @@ def show(
     result = load_result(url, name)
     slo = result.slo or {}
     knobs = list(result.rows[0].params) if result.rows else []
-    Console().print(trial_table(result.rows, knobs, slo.get("ttft_p99_ms"), slo.get("tpot_p99_ms"), max_rows=None))
+    Console().print(trial_table(result.rows, knobs, slo.get("ttft_p99_ms"), slo.get("tpot_p99_ms"), max_rows=None,
+                                pareto=result.pareto_numbers if result.objective == "pareto" else None))
     print(summary_text(result))
     if pareto:
-        print("Pareto front (P99 TPOT ms vs PEFT samples/s):")
-        for r in pareto_front(result.rows):
-            print(f"  #{r.number}: {r.metrics['tpot_p99_ms']:.2f} ms, {r.peft_samples_per_s:.3f} samples/s, "
-                  f"{r.outcome}; {format_params(r.params)}")
+        for metric, label in (("ttft_p99_ms", "P99 TTFT"), ("tpot_p99_ms", "P99 TPOT")):
+            print(f"trade-off curve ({label} ms vs PEFT samples/s, feasible or not):")
+            for r in tradeoff_curve(result.rows, latency=metric):
+                print(f"  #{r.number}: {r.metrics[metric]:.2f} ms, {r.peft_samples_per_s:.3f} samples/s, "
+                      f"{r.outcome}; {format_params(r.params)}")
     if json_path is not None:
         write_json(result, json_path)
         print(f"results written to {json_path}")

@@ -4,7 +4,7 @@ trial elsewhere. The table is a pure function of ``TrialRow`` objects."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import TextIO
 
 import optuna
@@ -15,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from autotune.confirm import Confirmation
-from autotune.results import TrialRow, _fmt, format_params
+from autotune.results import TrialRow, _fmt, best_feasible, format_params
 from autotune.study import StudyContext, StudyObserver
 
 #: Rows shown at most; the best feasible trial is always among them.
@@ -31,34 +31,50 @@ def _latency_cell(value: float | None, limit: float | None, digits: int) -> Text
     return Text(text, style="green" if value <= limit else "red")
 
 
-def header_text(ctx: StudyContext, rows: Sequence[TrialRow]) -> Text:
+def pareto_numbers(ctx: StudyContext) -> frozenset[int] | None:
+    """A pareto study's Pareto-optimal trials now (Optuna's ``best_trials``);
+    None for a study of one objective."""
+    if ctx.config.objective != "pareto":
+        return None
+    return frozenset(t.number for t in ctx.study.best_trials)
+
+
+def header_text(ctx: StudyContext, rows: Sequence[TrialRow], pareto: Collection[int] | None = None) -> Text:
     cfg = ctx.config
     t = Text()
     t.append(f"{ctx.system.title}", style="bold")
     t.append(f" · {ctx.figure.name} · ")
     t.append(f"{ctx.rate_req_s:g} req/s ({ctx.rate_basis})" if ctx.workload is not None else "no serving")
-    t.append(f" · {ctx.model.name} · {ctx.backend.name} backend · sampler {cfg.sampler}\n")
+    t.append(f" · {ctx.model.name} · {ctx.backend.name} backend · sampler {cfg.sampler}")
+    if pareto is not None:
+        t.append(" · objectives: max PEFT samples/s, min P99 TTFT, min P99 TPOT")
+    t.append("\n")
     t.append(f"{ctx.backend.headline()}\n", style="dim")
     if ctx.workload is not None:
         t.append(f"workload: {ctx.workload.description}\n", style="dim")
     if ctx.slo is not None:
         t.append(f"SLO: P99 TTFT ≤ {ctx.slo.ttft_p99_ms:.1f} ms, P99 TPOT ≤ {ctx.slo.tpot_p99_ms:.2f} ms\n")
-    feasible = [r for r in rows if r.feasible]
-    if feasible:
-        best = max(feasible, key=lambda r: (r.peft_samples_per_s, -r.number))
+    best = best_feasible(rows)
+    if best is not None:
         t.append("best feasible: ", style="bold")
         t.append(f"#{best.number} {best.peft_samples_per_s:.3f} samples/s  {format_params(best.params)}",
                  style="bold green")
     else:
         t.append("best feasible: none yet", style="yellow")
+    if pareto is not None:
+        t.append(f"\nPareto-optimal feasible trials: {len(pareto)}", style="bold")
+        if pareto:
+            t.append(f" (#{', #'.join(str(n) for n in sorted(pareto))})")
     return t
 
 
 def trial_table(rows: Sequence[TrialRow], knob_names: Sequence[str],
                 ttft_limit_ms: float | None, tpot_limit_ms: float | None,
-                max_rows: int | None = MAX_ROWS) -> Table:
+                max_rows: int | None = MAX_ROWS, pareto: Collection[int] | None = None) -> Table:
     """The trials table: knob values, P99 latencies coloured against the SLO,
-    PEFT samples/s, feasibility and state. At most ``max_rows`` rows (None: all)."""
+    PEFT samples/s, feasibility and state. At most ``max_rows`` rows (None: all).
+    ``pareto`` (a pareto study's Pareto-optimal trial numbers): a column
+    marking them."""
     table = Table(expand=False, header_style="bold")
     table.add_column("#", justify="right")
     for name in knob_names:
@@ -67,6 +83,8 @@ def trial_table(rows: Sequence[TrialRow], knob_names: Sequence[str],
     table.add_column("P99 TPOT ms", justify="right")
     table.add_column("PEFT samples/s", justify="right")
     table.add_column("feasible", justify="center")
+    if pareto is not None:
+        table.add_column("Pareto", justify="center")
     table.add_column("state")
     shown = list(rows) if max_rows is None else _rows_to_show(rows, max_rows)
     for r in shown:
@@ -80,6 +98,7 @@ def trial_table(rows: Sequence[TrialRow], knob_names: Sequence[str],
             _latency_cell(r.metrics.get("tpot_p99_ms"), tpot_limit_ms, 2),
             f"{r.peft_samples_per_s:.3f}" if "peft_samples_per_s" in r.metrics else "-",
             Text("yes", style="green") if r.feasible else Text("no", style="red") if r.outcome != "running" else Text(""),
+            *((Text("yes", style="bold green") if r.number in pareto else Text(""),) if pareto is not None else ()),
             state,
         )
     return table
@@ -88,8 +107,7 @@ def trial_table(rows: Sequence[TrialRow], knob_names: Sequence[str],
 def _rows_to_show(rows: Sequence[TrialRow], max_rows: int) -> list[TrialRow]:
     if len(rows) <= max_rows:
         return list(rows)
-    feasible = [r for r in rows if r.feasible]
-    best = max(feasible, key=lambda r: (r.peft_samples_per_s, -r.number), default=None)
+    best = best_feasible(rows)
     recent = list(rows[-max_rows:])
     if best is not None and best not in recent:  # the best, then the max_rows - 1 most recent
         recent = [best] + recent[1:]
@@ -126,8 +144,10 @@ class LiveReporter(StudyObserver):
     def _render(self) -> Group:
         assert self.ctx is not None
         slo = self.ctx.slo
-        parts = [header_text(self.ctx, self.rows),
-                 trial_table(self.rows, self.ctx.space.names, slo and slo.ttft_p99_ms, slo and slo.tpot_p99_ms)]
+        pareto = pareto_numbers(self.ctx)
+        parts = [header_text(self.ctx, self.rows, pareto),
+                 trial_table(self.rows, self.ctx.space.names, slo and slo.ttft_p99_ms, slo and slo.tpot_p99_ms,
+                             pareto=pareto)]
         if self.confirmed:
             parts.append(confirmation_text(self.confirmed))
         return Group(*parts, self.progress)

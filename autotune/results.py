@@ -74,6 +74,19 @@ class TrialRow:
         }
 
 
+def ranked_feasible(rows: Sequence[TrialRow]) -> list[TrialRow]:
+    """Feasible trials, highest PEFT throughput first (lowest number on ties)."""
+    return sorted((r for r in rows if r.feasible), key=lambda r: (-r.peft_samples_per_s, r.number))
+
+
+def best_feasible(rows: Sequence[TrialRow]) -> TrialRow | None:
+    """The feasible trial with the highest PEFT throughput (lowest number on
+    ties): a study's answer, and its point in a figure; None where no trial
+    met the SLO."""
+    ranked = ranked_feasible(rows)
+    return ranked[0] if ranked else None
+
+
 @dataclass(frozen=True)
 class StudyResult:
     study_name: str
@@ -83,6 +96,8 @@ class StudyResult:
     rows: tuple[TrialRow, ...] = field(default=())
     confirmations: dict[int, list[Confirmation]] = field(default_factory=dict)  # by trial number
     confirm_seeds: tuple[int, ...] = ()  # workload seeds of the latest --confirm (empty: never asked)
+    objective: str = "peft"  # peft | pareto (autotune.study.OBJECTIVES)
+    pareto_numbers: tuple[int, ...] = ()  # pareto: Optuna's study.best_trials (feasible, non-dominated)
 
     @property
     def confirm_workloads(self) -> int:
@@ -90,13 +105,21 @@ class StudyResult:
 
     def ranked_feasible(self) -> list[TrialRow]:
         """Feasible trials, highest PEFT throughput first (lowest number on ties)."""
-        return sorted((r for r in self.rows if r.feasible), key=lambda r: (-r.peft_samples_per_s, r.number))
+        return ranked_feasible(self.rows)
 
     @property
     def best(self) -> TrialRow | None:
         """The feasible trial with the highest PEFT throughput (lowest number on ties)."""
-        ranked = self.ranked_feasible()
-        return ranked[0] if ranked else None
+        return best_feasible(self.rows)
+
+    @property
+    def pareto_optimal(self) -> list[TrialRow]:
+        """A pareto study's Pareto-optimal trials (Optuna's ``best_trials``:
+        feasible, none beaten on PEFT samples/s, P99 TTFT and P99 TPOT at
+        once), highest PEFT throughput first; empty for a study of one
+        objective, or where no trial met the SLO."""
+        numbers = set(self.pareto_numbers)
+        return [r for r in ranked_feasible(self.rows) if r.number in numbers]
 
     def confirmed(self, row: TrialRow) -> bool | None:
         """Whether ``row``'s setting met the SLO on every fresh workload asked
@@ -124,6 +147,8 @@ class StudyResult:
             rows=tuple(TrialRow.of(t) for t in study.get_trials(deepcopy=False)),
             confirmations=load_confirmations(attrs),
             confirm_seeds=tuple(int(x) for x in attrs.get(ATTR_SEEDS, ())),
+            objective="pareto" if len(study.directions) > 1 else "peft",
+            pareto_numbers=tuple(sorted(t.number for t in study.best_trials)) if len(study.directions) > 1 else (),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -143,8 +168,11 @@ class StudyResult:
             "num_prompts": cfg.get("num_prompts"),
             "search_space": cfg.get("search_space"),
             "slo": self.slo,
+            "objective": self.objective,
             "reference": {k: v.get("metrics") for k, v in self.references.items()},
             "best": None if best is None else self._answer(best),
+            **({"pareto_optimal": [self._answer(r) for r in self.pareto_optimal]} if self.objective == "pareto"
+               else {}),
             "confirmation": None if not self.confirm_workloads else {
                 "workloads": self.confirm_workloads,
                 "workload_seeds": list(self.confirm_seeds),
@@ -203,10 +231,14 @@ def _finite(x: Any) -> Any:
     return x
 
 
-def pareto_front(rows: Sequence[TrialRow], latency: str = "tpot_p99_ms",
-                 throughput: str = "peft_samples_per_s") -> list[TrialRow]:
-    """Trials no other trial beats on both higher throughput and lower latency,
-    sorted by throughput. Crashed trials are left out."""
+def tradeoff_curve(rows: Sequence[TrialRow], latency: str = "tpot_p99_ms",
+                   throughput: str = "peft_samples_per_s") -> list[TrialRow]:
+    """The trade-off curve of one latency against PEFT throughput: measured
+    trials, feasible or not, that no other beats on both higher throughput
+    and lower ``latency``, sorted by throughput (what Figure 10 draws, the
+    SLO line showing where it crosses the limit). Crashed trials are left
+    out. Not to be confused with ``StudyResult.pareto_optimal``: feasible
+    trials only, on all three objectives at once."""
     pts = [r for r in rows if r.outcome in ("feasible", "infeasible") and latency in r.metrics]
     front = [
         r for r in pts
@@ -272,6 +304,10 @@ def summary_text(result: StudyResult) -> str:
         lines.append("no setting meets the SLO; PEFT throughput counts as 0")
         return "\n".join(lines)
     lines += _setting_lines(result, best, "best")
+    if result.objective == "pareto":
+        front = result.pareto_optimal
+        lines.append(f"Pareto-optimal feasible trials ({len(front)}; max PEFT samples/s, min P99 TTFT and TPOT):")
+        lines += [f"  #{r.number}: {_measured(r)}; {format_params(r.params)}" for r in front]
     n = result.confirm_workloads
     if not n:
         return "\n".join(lines)
@@ -290,6 +326,14 @@ def summary_text(result: StudyResult) -> str:
     else:
         lines.append(f"recommended: trial {rec.number}, as above")
     return "\n".join(lines)
+
+
+def _measured(row: TrialRow) -> str:
+    m = row.metrics
+    text = f"PEFT {m.get('peft_samples_per_s', 0):.3f} samples/s"
+    if "ttft_p99_ms" in m:
+        text += f", P99 TTFT {m['ttft_p99_ms']:.1f} ms, P99 TPOT {m['tpot_p99_ms']:.2f} ms"
+    return text
 
 
 def _setting_lines(result: StudyResult, row: TrialRow, title: str) -> list[str]:

@@ -1,5 +1,8 @@
 """An Optuna study per (system, figure, rate, backend): maximize PEFT
-samples/s subject to P99 TTFT and P99 TPOT limits.
+samples/s subject to P99 TTFT and P99 TPOT limits (``objective="peft"``), or
+maximize PEFT samples/s and minimize P99 TTFT and P99 TPOT at once
+(``objective="pareto"``: a multi-objective study whose Pareto-optimal
+feasible trials are Optuna's ``study.best_trials``).
 
 Every finished trial carries both constraints (``trial.set_constraint``,
 <= 0 met); a crashed trial is COMPLETE with 0 samples/s and large positive
@@ -41,6 +44,10 @@ from autotune.workloads.spec import Workload
 DEFAULT_RUNS_DIR = Path("autotune-runs")
 #: Seeds NumPy takes (the samplers' random state): 0 .. 2**32 - 1.
 MAX_SEED = 2**32 - 1
+#: What a study optimizes: PEFT samples/s alone, or the three objectives below.
+OBJECTIVES = ("peft", "pareto")
+#: ``objective="pareto"``: the objective values' metrics and their directions, in order.
+PARETO_OBJECTIVES = (("peft_samples_per_s", "maximize"), ("ttft_p99_ms", "minimize"), ("tpot_p99_ms", "minimize"))
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,8 @@ class StudyConfig:
     warmup_s: float = 0.0  # trainer warm-up excluded from PEFT throughput
     confirm_workloads: int = 0  # fresh workloads the best settings must also meet the SLO on (autotune.confirm)
     runs_dir: Path = DEFAULT_RUNS_DIR
+    objective: str = "peft"  # one of OBJECTIVES
+    settings: tuple[dict[str, float], ...] = ()  # knob settings each run once, first (fig12's sweep)
 
 
 @dataclass
@@ -206,6 +215,8 @@ def default_study_name(config: StudyConfig, rate_req_s: float, backend: str) -> 
         name += f"-{rate_req_s:g}rps"
     if config.lora_dist is not None:
         name += f"-lora-{config.lora_dist}-r{config.lora_rank}"
+    if config.objective != "peft":
+        name += f"-{config.objective}"
     return f"{name}-{backend}"
 
 
@@ -218,6 +229,11 @@ def _check_figure_options(config: StudyConfig, figure: FigurePreset) -> None:
         raise UserError(f"--rate must be a positive number of requests/s, got {config.rate_req_s:g}")
     if config.num_prompts is not None and config.num_prompts < 1:
         raise UserError(f"--num-prompts must be at least 1, got {config.num_prompts}")
+    if config.objective not in OBJECTIVES:
+        raise UserError(f"unknown objective {config.objective!r}; choose one of: {', '.join(OBJECTIVES)}")
+    if config.objective == "pareto" and not figure.serves:
+        raise UserError(f"--objective pareto trades PEFT throughput against serving latency; "
+                        f"{figure.name} serves nothing")
     if config.confirm_workloads < 0:
         raise UserError(f"--confirm must be >= 0, got {config.confirm_workloads}")
     if config.confirm_workloads and not figure.serves:
@@ -289,6 +305,9 @@ def _identity(ctx_config: StudyConfig, model: ModelConfig, rate: float, workload
         "search_space": {k.name: [k.low, k.high, k.step, k.log] for k in space},
         "lora_rank": ctx_config.lora_rank if ctx_config.lora_dist is not None else None,
         "warmup_s": ctx_config.warmup_s,  # trainer steps left out of PEFT throughput
+        # Only where it is not the default, so that studies made before there
+        # was a choice resume as they were.
+        **({"objective": ctx_config.objective} if ctx_config.objective != "peft" else {}),
     }
 
 
@@ -318,15 +337,17 @@ def prepare(config: StudyConfig, backend: Backend) -> StudyContext:
     if name in existing:
         stored = existing[name].user_attrs.get("identity")
         if stored is not None and stored != json.loads(json.dumps(identity)):
-            diff = sorted(k for k in identity if json.dumps(identity[k]) != json.dumps(stored.get(k)))
+            diff = sorted(k for k in {**stored, **identity}
+                          if json.dumps(identity.get(k)) != json.dumps(stored.get(k)))
             raise UserError(
                 f"study {name!r} exists with other settings ({', '.join(diff)}); "
                 "pass --study-name for a new study"
             )
     n_done = existing[name].n_trials if name in existing else 0
     sampler = make_sampler(config.sampler, space, seed=(config.seed + 1000 * n_done) % (MAX_SEED + 1))
+    directions = [d for _, d in PARETO_OBJECTIVES] if config.objective == "pareto" else ["maximize"]
     study = optuna.create_study(
-        study_name=name, storage=storage, sampler=sampler, direction="maximize", load_if_exists=True
+        study_name=name, storage=storage, sampler=sampler, directions=directions, load_if_exists=True
     )
     if "identity" not in study.user_attrs:
         study.set_user_attr("identity", identity)
@@ -345,6 +366,7 @@ def _config_record(config: StudyConfig, figure: FigurePreset, model: ModelConfig
         "workload": workload.description if workload is not None else "no serving",
         "synthetic_workload": bool(workload is not None and workload.synthetic),
         "seed": config.seed,
+        "objective": config.objective,
         "model": model.name,
         "lora_dist": config.lora_dist,
         "lora_rank": config.lora_rank if figure.lora_adapters else None,
@@ -503,8 +525,9 @@ def trial_spec(ctx: StudyContext, params: Mapping[str, float], number: int) -> T
     )
 
 
-def record_trial(ctx: StudyContext, trial: optuna.Trial, result: TrialResult) -> float:
-    """Set both constraints and the metrics on the trial; its objective value."""
+def record_trial(ctx: StudyContext, trial: optuna.Trial, result: TrialResult) -> float | tuple[float, ...]:
+    """Set both constraints and the metrics on the trial; its objective value
+    (``objective="pareto"``: its values, see ``objective_values``)."""
     margins = constraint_margins(result, ctx.slo)
     for key, value in margins.items():
         trial.set_constraint(key, value)
@@ -515,7 +538,37 @@ def record_trial(ctx: StudyContext, trial: optuna.Trial, result: TrialResult) ->
         trial.set_user_attr("error", result.error)
     if result.notes:
         trial.set_user_attr("notes", list(result.notes))
-    return 0.0 if result.crashed else metrics.get("peft_samples_per_s", 0.0)
+    peft = 0.0 if result.crashed else metrics.get("peft_samples_per_s", 0.0)
+    if ctx.config.objective == "pareto":
+        return objective_values(peft, metrics, ctx.slo)
+    return peft
+
+
+def objective_values(peft_samples_per_s: float, metrics: Mapping[str, float],
+                     slo: ResolvedSlo | None) -> tuple[float, float, float]:
+    """A pareto study's values (``PARETO_OBJECTIVES``): PEFT samples/s, P99
+    TTFT ms, P99 TPOT ms. A latency the trial did not measure (it crashed) is
+    its limit times ``1 + CRASH_VIOLATION``, the constraint's crash margin, so
+    a crash is never on the front and the samplers still learn from it."""
+    assert slo is not None, "a pareto study serves, so its SLO is resolved"
+    limits = {"ttft_p99_ms": slo.ttft_p99_ms, "tpot_p99_ms": slo.tpot_p99_ms}
+    latencies = [float(metrics[k]) if k in metrics and math.isfinite(metrics[k]) else limits[k] * (1 + CRASH_VIOLATION)
+                 for k, _ in PARETO_OBJECTIVES[1:]]
+    return (peft_samples_per_s, *latencies)
+
+
+def enqueue_settings(ctx: StudyContext) -> int:
+    """Queue each of ``config.settings`` that the study has not finished (or
+    queued) yet; how many trials are now queued."""
+    study = ctx.study
+    done_or_queued = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.WAITING)
+    have = [t.params or t.user_attrs.get("setting", {})  # a queued trial has no params yet
+            for t in study.get_trials(deepcopy=False, states=done_or_queued)]
+    for setting in ctx.config.settings:
+        if not any(all(h.get(k) == v for k, v in setting.items()) for h in have):
+            study.enqueue_trial(dict(setting), user_attrs={"setting": dict(setting)})
+            have.append(dict(setting))
+    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
 
 
 def run_trials(ctx: StudyContext, n_trials: int, observer: StudyObserver) -> None:
@@ -531,11 +584,13 @@ def run_trials(ctx: StudyContext, n_trials: int, observer: StudyObserver) -> Non
     url = storage_url(ctx.config)
     if ctx.workload is not None and ctx.slo is None:  # never a trial held to a missing limit
         raise RuntimeError("the study's SLO is resolved by run_references(); call it before run_trials()")
-    if not study.trials and not isinstance(study.sampler, optuna.samplers.GridSampler):
+    if ctx.config.settings:
+        enqueue_settings(ctx)
+    elif not study.trials and not isinstance(study.sampler, optuna.samplers.GridSampler):
         study.enqueue_trial(ctx.space.defaults())  # the artifact's example values first
     in_flight: list[optuna.Trial] = []
 
-    def objective(trial: optuna.Trial) -> float:
+    def objective(trial: optuna.Trial) -> float | tuple[float, ...]:
         in_flight[:] = [trial]
         params = {k.name: _suggest(trial, k) for k in ctx.space}
         observer.on_trial_start(ctx, trial.number, params)

@@ -277,9 +277,11 @@ def test_show(base, tmp_path):
     text = result.output
     assert "P99 TPOT ms" in text and "forward_tasklets" in text  # the table
     assert f"study {BASE_STUDY}: 3 trials" in text
-    front_lines = text.split("Pareto front (P99 TPOT ms vs PEFT samples/s):\n")[1].splitlines()
-    front = [line for line in front_lines if line.startswith("  #")]
-    assert 1 <= len(front) <= 3
+    for label in ("P99 TTFT", "P99 TPOT"):
+        curve_lines = text.split(f"trade-off curve ({label} ms vs PEFT samples/s, feasible or not):\n")[1]
+        curve = [line for line in curve_lines.splitlines() if line.startswith("  #")]
+        assert 1 <= len(curve) <= 3
+    assert "Pareto" not in text  # a study of one objective has no Pareto-optimal column
 
 
 def test_show_lists_every_trial_of_a_long_study(tmp_path):
@@ -302,8 +304,11 @@ def test_show_lists_every_trial_of_a_long_study(tmp_path):
                and line.split("│")[1].strip().isdigit()}
     assert numbers == set(range(30))  # the whole study, not the live view's last rows
     assert "best (trial 29): mps_active_thread_pct=30" in text
-    # Every trial trades 0.01 ms of TPOT for 0.01 samples/s: all 30 are on the front.
-    assert sum(line.startswith("  #") for line in text.splitlines()) == 30
+    # Every trial trades 0.01 ms of TPOT for 0.01 samples/s: all 30 are on the
+    # TPOT curve; their TTFT is the same, so only the fastest is on the TTFT one.
+    ttft, tpot = text.split("trade-off curve (P99 TTFT")[1].split("trade-off curve (P99 TPOT")
+    assert sum(line.startswith("  #") for line in ttft.splitlines()) == 1
+    assert sum(line.startswith("  #") for line in tpot.splitlines()) == 30
 
 
 def test_show_unknown_study_or_database(base, tmp_path):
@@ -738,3 +743,25 @@ def test_gpu_backend_without_vllm_is_one_line(tmp_path):
     line = user_error(invoke("llmstation", "--backend", "gpu", "--trials", 1, "--runs-dir", tmp_path),
                       "--backend gpu needs")
     assert "pip install" in line or "nvidia-smi" in line
+
+
+def test_objective_pareto_lists_the_pareto_optimal_trials_and_refuses_another_objective(tmp_path):
+    args = ["llmstation", "--figure", "fig10", "--trials", "3", "--num-prompts", "20", "--runs-dir", tmp_path]
+    out = tmp_path / "pareto.json"
+    text = ok(invoke(*args, "--objective", "pareto", "--json", out, "--plain")).output
+    doc = json.loads(out.read_text())
+    assert doc["study_name"] == "llmstation-fig10-0.88rps-pareto-sim" and doc["objective"] == "pareto"
+    front = doc["pareto_optimal"]
+    feasible = [t for t in doc["trials"] if t["outcome"] == "feasible"]
+    assert front and len(front) <= len(feasible) and all(t["feasible"] for t in front)
+    assert doc["best"]["number"] == front[0]["number"]  # the highest PEFT of the front is the study's best
+    listed = text.split("Pareto-optimal feasible trials")[1].splitlines()[1:]
+    assert [line.split(":")[0].strip() for line in listed if line.startswith("  #")] == \
+        [f"#{t['number']}" for t in front]
+    shown = ok(invoke("show", "llmstation-fig10-0.88rps-pareto-sim", "--runs-dir", tmp_path)).output
+    cells = [line.split("│")[1:-1] for line in shown.splitlines() if line.startswith("│")]
+    assert {int(c[0]) for c in cells if c[-2].strip() == "yes"} == {t["number"] for t in front}  # the Pareto column
+    user_error(invoke(*args, "--study-name", "llmstation-fig10-0.88rps-pareto-sim"),
+               "exists with other settings (objective)")
+    user_error(invoke("llmstation", "--figure", "fig12", "--objective", "pareto", "--runs-dir", tmp_path),
+               "fig12 serves nothing")

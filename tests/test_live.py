@@ -219,3 +219,21 @@ def test_live_reporter_shows_confirmations(tmp_path):
     best = StudyResult.of(ctx.study).best.number
     assert [(n, c.workload_seed, c.outcome) for n, c in reporter.confirmed] == [(best, 1_000_001, "feasible")]
     assert f"confirm #{best} on workload seed 1000001" in out.getvalue()
+
+
+def test_a_pareto_study_shows_its_pareto_optimal_trials(tmp_path):
+    out = io.StringIO()
+    reporter = LiveReporter(Console(file=out, force_terminal=True, width=200))
+    with make_backend("sim") as backend:
+        ctx = run_study(_config(tmp_path, sampler="random", objective="pareto", slo=SloSpec()), backend, 3, reporter)
+    front = {t.number for t in ctx.study.best_trials}
+    assert front  # some trial met the SLO
+    header = header_text(ctx, reporter.rows, frozenset(front)).plain
+    assert "objectives: max PEFT samples/s, min P99 TTFT, min P99 TPOT" in header
+    assert header.splitlines()[-1].startswith(f"Pareto-optimal feasible trials: {len(front)}")
+    table = _render_text(trial_table(reporter.rows, ctx.space.names, 500.0, 50.0, pareto=front))
+    cells = [line.split("│")[1:-1] for line in table.splitlines() if line.startswith("│")]
+    assert "Pareto" in table and {int(c[0]) for c in cells if c[-2].strip() == "yes"} == front
+    assert "Pareto-optimal feasible trials" in out.getvalue()  # what the terminal showed
+    one = _render_text(trial_table(reporter.rows, ctx.space.names, 60.0, 12.0))
+    assert "Pareto" not in one  # a study of one objective has no such column

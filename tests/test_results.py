@@ -11,7 +11,7 @@ import optuna
 import pytest
 
 from autotune.errors import UserError
-from autotune.results import StudyResult, TrialRow, format_params, load_result, pareto_front, summary_text, write_json
+from autotune.results import StudyResult, TrialRow, format_params, load_result, tradeoff_curve, summary_text, write_json
 from autotune.slo import CRASH_VIOLATION
 
 PCT = optuna.distributions.IntDistribution(10, 100, step=5)
@@ -93,7 +93,7 @@ def test_best_is_none_without_a_feasible_row():
     assert StudyResult("s", {}, None, {}, rows).best is None
 
 
-def test_pareto_front_of_known_points():
+def test_tradeoff_curve_of_known_points():
     rows = [
         _row(0, 1.0, 5.0),  # front: the lowest latency
         _row(1, 2.0, 6.0),  # front
@@ -104,21 +104,21 @@ def test_pareto_front_of_known_points():
         _row(6, 9.0, 1.0, "crashed"),  # would dominate all, but crashed rows are left out
         _row(7, 9.0, 1.0, "running"),
     ]
-    front = pareto_front(rows)
+    front = tradeoff_curve(rows)
     assert [r.number for r in front] == [0, 1, 5, 3]  # sorted by throughput
     assert [r.metrics["peft_samples_per_s"] for r in front] == [1.0, 2.0, 2.0, 3.0]
 
 
-def test_pareto_front_skips_rows_without_the_metrics():
+def test_tradeoff_curve_skips_rows_without_the_metrics():
     rows = [_row(0, 1.0, 5.0), TrialRow(1, "COMPLETE", "feasible", {}, {"peft_samples_per_s": 5.0}, {})]
-    assert [r.number for r in pareto_front(rows)] == [0]
-    assert pareto_front([]) == []
+    assert [r.number for r in tradeoff_curve(rows)] == [0]
+    assert tradeoff_curve([]) == []
 
 
-def test_pareto_front_on_another_latency():
+def test_tradeoff_curve_on_another_latency():
     rows = [TrialRow(i, "COMPLETE", "feasible", {}, {"peft_samples_per_s": p, "ttft_p99_ms": t}, {})
             for i, (p, t) in enumerate([(1.0, 50.0), (2.0, 40.0), (3.0, 70.0)])]
-    assert [r.number for r in pareto_front(rows, latency="ttft_p99_ms")] == [1, 2]
+    assert [r.number for r in tradeoff_curve(rows, latency="ttft_p99_ms")] == [1, 2]
 
 
 def test_to_dict_and_write_json(study, tmp_path):

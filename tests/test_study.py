@@ -14,7 +14,8 @@ from autotune.errors import EnvironmentFailure, UserError
 from autotune.metrics import PeftMetrics, RequestRecord, serving_metrics
 from autotune.results import StudyResult, write_json
 from autotune.slo import CRASH_VIOLATION, SloSpec
-from autotune.study import StudyConfig, run_study
+from autotune.samplers import N_STARTUP_TRIALS, SAMPLERS
+from autotune.study import StudyConfig, enqueue_settings, run_study
 from autotune.trial import TrialKind, TrialResult, TrialSpec
 
 
@@ -246,3 +247,78 @@ def test_a_failed_reference_is_an_error_and_is_made_again_next_time(tmp_path):
     ctx = run_study(_config(tmp_path, sampler="random"), backend, n_trials=1)
     assert ctx.slo.ttft_p99_ms == pytest.approx(60.0)
     assert sum(s.kind is TrialKind.SERVING_ALONE for s in backend.calls) == 2
+
+
+# ---------------------------------------------------------------- --objective pareto
+
+
+def test_a_pareto_study_has_three_objectives_and_its_feasible_front(tmp_path):
+    ctx = run_study(_config(tmp_path, objective="pareto"), ScriptedBackend(), n_trials=25)
+    study = ctx.study
+    assert study.study_name == "vllm-torchtune-fig8a-2rps-pareto-scripted"
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE", "MINIMIZE"]
+    by_pct = {t.params["mps_active_thread_pct"]: t for t in study.trials}
+    assert by_pct[60].values == pytest.approx([1.8, 59.0, 8.0])  # PEFT 3p/100, TTFT 29 + p/2 ms, TPOT 8 ms
+    assert by_pct[35].values == pytest.approx([0.0, 60.0 * (1 + CRASH_VIOLATION), 12.0 * (1 + CRASH_VIOLATION)])
+    result = StudyResult.of(study)
+    # TTFT rises with PEFT and TPOT is flat: every feasible setting (p <= 60,
+    # not the crash at 35) trades one for the other; p = 65 .. 100 miss the TTFT limit.
+    assert sorted(r.params["mps_active_thread_pct"] for r in result.pareto_optimal) == \
+        [p for p in range(10, 61, 5) if p != 35]
+    assert [r.peft_samples_per_s for r in result.pareto_optimal] == \
+        sorted((r.peft_samples_per_s for r in result.pareto_optimal), reverse=True)
+    doc = result.to_dict()
+    assert doc["objective"] == "pareto" and doc["best"]["params"] == {"mps_active_thread_pct": 60}
+    assert [t["number"] for t in doc["pareto_optimal"]] == [r.number for r in result.pareto_optimal]
+    assert all(t["feasible"] for t in doc["pareto_optimal"])
+
+
+def test_a_pareto_study_with_no_feasible_trial_has_an_empty_front(tmp_path):
+    slo = SloSpec(ttft_p99_ms=1.0, tpot_p99_ms=1.0)
+    ctx = run_study(_config(tmp_path, objective="pareto", slo=slo), ScriptedBackend(), n_trials=3)
+    result = StudyResult.of(ctx.study)
+    assert result.pareto_optimal == [] and result.to_dict()["pareto_optimal"] == []
+    assert result.best is None
+
+
+@pytest.mark.parametrize("first, then", [("peft", "pareto"), ("pareto", "peft")])
+def test_resume_with_another_objective_is_refused(tmp_path, first, then):
+    run_study(_config(tmp_path, objective=first, study_name="s"), ScriptedBackend(), n_trials=1)
+    with pytest.raises(UserError, match=r"exists with other settings \(objective\)"):
+        run_study(_config(tmp_path, objective=then, study_name="s"), ScriptedBackend(), n_trials=1)
+
+
+def test_pareto_needs_serving_and_a_known_objective(tmp_path):
+    with pytest.raises(UserError, match="fig12 serves nothing"):
+        run_study(_config(tmp_path, system="llmstation", figure="fig12", objective="pareto"), ScriptedBackend(), 1)
+    with pytest.raises(UserError, match="unknown objective 'fast'"):
+        run_study(_config(tmp_path, objective="fast"), ScriptedBackend(), 1)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_every_sampler_runs_a_pareto_study_past_its_random_start(tmp_path, sampler):
+    ctx = run_study(_config(tmp_path, objective="pareto", sampler=sampler, slo=SloSpec(ttft_p99_ms=70.0,
+                                                                                         tpot_p99_ms=12.0)),
+                    ScriptedBackend(crash_at=None), n_trials=N_STARTUP_TRIALS + 2)
+    trials = ctx.study.trials
+    assert len(trials) == N_STARTUP_TRIALS + 2 and all(len(t.values) == 3 for t in trials)
+    assert StudyResult.of(ctx.study).pareto_optimal  # the artifact's p = 80 misses 70 ms; others meet it
+
+
+def test_settings_run_once_each_and_a_resume_adds_none(tmp_path):
+    settings = ({"mps_active_thread_pct": 20}, {"mps_active_thread_pct": 45})
+    backend = ScriptedBackend()
+    ctx = run_study(_config(tmp_path, sampler="tpe", settings=settings), backend, n_trials=2)
+    assert [t.params for t in ctx.study.trials] == list(settings)  # not the artifact's 80 first
+    again = ScriptedBackend()
+    ctx = run_study(_config(tmp_path, sampler="tpe", settings=settings), again, n_trials=0)
+    assert len(ctx.study.trials) == 2 and enqueue_settings(ctx) == 0
+
+
+def test_a_setting_interrupted_is_queued_again_and_a_queued_one_is_not_doubled(tmp_path):
+    settings = tuple({"mps_active_thread_pct": p} for p in (20, 30, 40))
+    with pytest.raises(KeyboardInterrupt):  # at 30: trial 1 FAIL, 40 still queued
+        run_study(_config(tmp_path, settings=settings), ScriptedBackend(interrupt_at=30), n_trials=3)
+    ctx = run_study(_config(tmp_path, settings=settings), ScriptedBackend(), n_trials=2)
+    done = [t.params["mps_active_thread_pct"] for t in ctx.study.trials if t.state.name == "COMPLETE"]
+    assert sorted(done) == [20, 30, 40] and enqueue_settings(ctx) == 0
