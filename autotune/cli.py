@@ -240,11 +240,18 @@ for _name in SYSTEMS:
 
 @app.command(name="figure")
 def figure_command(
-    figure: Annotated[str, typer.Argument(help="fig8a or fig9a")],
+    figure: Annotated[str, typer.Argument(help="fig8a, fig9a, fig10, fig12 or fig13")],
     systems: Annotated[str, typer.Option(help="'all' or systems separated by commas")] = "all",
-    rates: Annotated[Optional[str], typer.Option(help="request rates, req/s, separated by commas "
-                                                 "(default: the figure's preset r and r/4, r/2, 3r/4)")] = None,
-    trials: Annotated[int, typer.Option(min=1, help="trials each study should have (only missing ones run)")] = 20,
+    rates: Annotated[Optional[str], typer.Option(help="request rates, req/s, separated by commas (default: the "
+                                                 "figure's preset r and r/4, r/2, 3r/4; fig10, fig13: r)")] = None,
+    trials: Annotated[Optional[int], typer.Option(min=1, help="trials each study should have (only missing ones "
+                                                  "run; default 20; fig12: one per --tasklets)")] = None,
+    objective: Annotated[Optional[Objective], typer.Option(help=_OBJECTIVE_HELP + " (default: pareto for fig10, "
+                                                           "else peft)")] = None,
+    lora_dists: Annotated[str, typer.Option(help="fig13: served adapters' distributions")] = "uniform,skewed,none",
+    lora_ranks: Annotated[str, typer.Option(help="fig13: served adapters' ranks")] = "8,16,32",
+    tasklets: Annotated[str, typer.Option(help="fig12: tasklets between pause points, both passes "
+                                          "(1: after every layer; 33: once per pass)")] = "1,2,4,8,16,33",
     backend: Annotated[BackendName, typer.Option(help="sim: embedded simulator, studies side by side; "
                                                  "gpu: one after another")] = BackendName["sim"],
     hardware: Annotated[Optional[str], typer.Option(help="sim: packaged hardware profile "
@@ -266,16 +273,24 @@ def figure_command(
     storage: Annotated[Optional[str], typer.Option(help="one Optuna storage URL for every study "
                                                    "(default: a SQLite file per study under OUT/studies)")] = None,
 ) -> None:
-    """Run (or resume) one study per system and request rate and draw the figure: FIG.csv, FIG.png, FIG.svg."""
-    from autotune.figure import FigureRequest, check_figure, parse_rates, parse_systems, run_figure
+    """Run (or resume) one study per system and request rate (fig13: per served LoRA setting; fig12: one
+    sweep) and draw the figure: FIG.csv, FIG.png, FIG.svg."""
+    from autotune.figure import (FigureRequest, check_figure, parse_choices, parse_ints, parse_rates, parse_systems,
+                                 run_figure)
     from autotune.study import check_seed
 
     check_figure(figure)
+    if figure == "fig12" and trials is not None:
+        raise UserError("--trials: fig12 runs one trial per --tasklets value")
     request = FigureRequest(
         figure=figure, systems=parse_systems(systems), rates_req_s=parse_rates(rates) if rates is not None else None,
-        trials=trials, out_dir=out, backend=backend.value, hardware=hardware, seed=seed, sampler=sampler.value,
+        trials=trials or 20, out_dir=out, backend=backend.value, hardware=hardware, seed=seed, sampler=sampler.value,
         num_prompts=num_prompts, slo=SloSpec(slo_ttft_ms, slo_tpot_ms, slo_ttft_ratio, slo_tpot_ratio),
         storage=storage, workers=workers if workers is not None else (os.cpu_count() or 1),
+        objective=objective.value if objective is not None else None,
+        lora_dists=parse_choices(lora_dists, "--lora-dists", LORA_DISTS),
+        lora_ranks=parse_ints(lora_ranks, "--lora-ranks", allowed=LORA_RANKS),
+        tasklets=parse_ints(tasklets, "--tasklets", low=1, high=1024),
     )
     if workers is not None and workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")

@@ -54,6 +54,16 @@ class SharingPolicy:
                 "tasklet preemption needs forward_tasklets and backward_tasklets >= 1"
             )
 
+    def pause_points(self, num_layers: int) -> tuple[int, int]:
+        """Pause points per forward pass and per backward pass (0, 0 without
+        tasklet preemption). One falls after every N counted tasklets of a
+        pass and at its end: the forward pass counts ``num_layers + 1``
+        tasklets (the layers and the head; the embeddings go with the first
+        layer), the backward pass ``num_layers``; so ceil(n / N) each."""
+        if self.preemption is not Preemption.TASKLET:
+            return 0, 0
+        return -(-(num_layers + 1) // self.forward_tasklets), -(-num_layers // self.backward_tasklets)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["preemption"] = self.preemption.value

@@ -1,4 +1,6 @@
-"""Run a figure's studies, one per (system, request rate), and write what it shows.
+"""Run a figure's studies, one per (system, request rate) (fig13: per served
+LoRA setting too; fig12: one, a sweep of LLMStation's pause points), and
+write what it shows.
 
 On the simulator the studies run side by side, one process each
 (``concurrent.futures.ProcessPoolExecutor``, ``workers`` at a time), each
@@ -40,8 +42,10 @@ from rich.text import Text
 
 from autotune.backends import Backend, make_backend
 from autotune.errors import EnvironmentFailure, UserError, os_error
-from autotune.figure.rows import (FigureData, FigureRow, check_figure, comparison_text, csv_text, default_rates,
-                                  figure_data, finished_line, study_row, write_text)
+from autotune.figure.rows import (FIG12_TASKLETS, ONE_RATE, FigureData, FigureRow, check_figure, default_rates,
+                                  figure_csv_text, figure_data, figure_text, finished_line, lora_label, lora_variants,
+                                  study_row, tasklet_settings, write_text)
+from autotune.figures import LORA_DISTS, LORA_RANKS
 from autotune.live import PlainReporter
 from autotune.results import StudyResult, load_result, write_json
 from autotune.samplers import DEFAULT_SAMPLER
@@ -74,6 +78,16 @@ class FigureRequest:
     slo: SloSpec = field(default_factory=SloSpec)
     storage: str | None = None  # one Optuna storage for every study; None: a SQLite file per study
     workers: int = 1
+    objective: str | None = None  # None: the figure's (pareto for fig10's trade-off curves, else peft)
+    lora_dists: tuple[str, ...] = LORA_DISTS  # fig13's groups
+    lora_ranks: tuple[int, ...] = LORA_RANKS
+    tasklets: tuple[int, ...] = FIG12_TASKLETS  # fig12: tasklets between pause points, one trial each
+
+    @property
+    def study_objective(self) -> str:
+        if self.objective is not None:
+            return self.objective
+        return "pareto" if check_figure(self.figure).pareto else "peft"
 
 
 @dataclass(frozen=True)
@@ -88,6 +102,7 @@ class FigureJob:
     backend_options: dict[str, Any]
     log_path: Path
     stop_path: Path  # exists: stop (the parent was interrupted)
+    lora: str = ""  # fig13: the served adapters ("uniform r8"); "" elsewhere
 
     @property
     def study_name(self) -> str:
@@ -100,8 +115,8 @@ class FigureJob:
         return self.config.storage
 
     @property
-    def key(self) -> tuple[str, float]:
-        return self.system, self.rate_req_s
+    def key(self) -> tuple[str, float, str]:
+        return self.system, self.rate_req_s, self.lora
 
 
 # ---------------------------------------------------------------- planning
@@ -130,33 +145,67 @@ def backend_options(request: FigureRequest) -> dict[str, Any]:
 
 def resolve_rates(request: FigureRequest, hardware: str) -> tuple[tuple[float, ...], str]:
     """The rates, and a line saying where they come from."""
+    figure = check_figure(request.figure)
+    if not figure.serves:
+        if request.rates_req_s is not None:
+            raise UserError(f"--rates: {request.figure} serves nothing")
+        return (0.0,), "no serving"
     if request.rates_req_s is not None:
+        if request.figure in ONE_RATE and len(request.rates_req_s) > 1:
+            raise UserError(f"--rates: {request.figure} is drawn at one request rate, got "
+                            f"{', '.join(f'{r:g}' for r in request.rates_req_s)}")
         return request.rates_req_s, "--rates"
-    preset, hw = check_figure(request.figure).default_rate(hardware)
+    preset, hw = figure.default_rate(hardware)
+    if request.figure in ONE_RATE:
+        return (preset,), f"{request.figure}'s preset for {hw}"
     return default_rates(preset), f"r/4, r/2, 3r/4 and r = {preset:g} req/s, {request.figure}'s preset for {hw}"
+
+
+def check_request(request: FigureRequest) -> None:
+    """What the figure's studies would refuse one by one, refused once before any runs."""
+    figure = check_figure(request.figure)
+    if not figure_systems(request):
+        raise UserError(f"{request.figure} is for {', '.join(figure.systems or ())} only; "
+                        f"--systems names {', '.join(request.systems)}")
+    if request.study_objective == "pareto" and not figure.serves:
+        raise UserError(f"--objective pareto trades PEFT throughput against serving latency; "
+                        f"{request.figure} serves nothing")
+
+
+def figure_systems(request: FigureRequest) -> tuple[str, ...]:
+    """The systems asked for, less those the figure leaves out (fig12: LLMStation only)."""
+    allowed = check_figure(request.figure).systems
+    return tuple(s for s in request.systems if allowed is None or s in allowed)
 
 
 def plan_jobs(request: FigureRequest, hardware: str) -> list[FigureJob]:
     """One job per (system, rate), in the order the figure lists them."""
     rates, _ = resolve_rates(request, hardware)
     out = request.out_dir
+    figure = check_figure(request.figure)
+    variants = lora_variants(request.lora_dists, request.lora_ranks) if figure.lora_adapters else [(None, 8)]
+    settings = tasklet_settings(request.tasklets) if request.figure == "fig12" else ()
     jobs = []
-    for system in request.systems:
+    for system in figure_systems(request):
         for rate in rates:
-            config = StudyConfig(system=system, figure=request.figure, backend=request.backend, rate_req_s=rate,
-                                 num_prompts=request.num_prompts, slo=request.slo, sampler=request.sampler,
-                                 seed=request.seed, runs_dir=out)
-            name = default_study_name(config, rate, request.backend)
-            storage = request.storage or f"sqlite:///{out / 'studies' / f'{name}.db'}"
-            config = replace(config, study_name=name, storage=storage)
-            jobs.append(FigureJob(system, rate, request.trials, config, request.backend, backend_options(request),
-                                  out / "logs" / f"{name}.log", out / "logs" / f".stop-{os.getpid()}"))
+            for dist, rank in variants:
+                config = StudyConfig(system=system, figure=request.figure, backend=request.backend,
+                                     rate_req_s=rate if figure.serves else None, num_prompts=request.num_prompts,
+                                     slo=request.slo, sampler=request.sampler, seed=request.seed, runs_dir=out,
+                                     lora_dist=dist, lora_rank=rank, objective=request.study_objective,
+                                     settings=settings)
+                name = default_study_name(config, rate, request.backend)
+                storage = request.storage or f"sqlite:///{out / 'studies' / f'{name}.db'}"
+                config = replace(config, study_name=name, storage=storage)
+                jobs.append(FigureJob(system, rate, len(settings) or request.trials, config, request.backend,
+                                      backend_options(request), out / "logs" / f"{name}.log",
+                                      out / "logs" / f".stop-{os.getpid()}", lora=lora_label(dist, rank)))
     return jobs
 
 
 def _cost(job: FigureJob) -> float:
     """Requests per trial, roughly what a study costs: the longest start first."""
-    return job.rate_req_s * get_system(job.system).prompts_per_rate
+    return job.config.num_prompts or job.rate_req_s * get_system(job.system).prompts_per_rate
 
 
 # ---------------------------------------------------------------- one study
@@ -269,16 +318,16 @@ class StudyPoller:
         self.interval_s = interval_s
         self._lock = threading.Lock()
         self._storages: dict[str, tuple[optuna.storages.BaseStorage, Path | None]] = {}
-        self._stamps: dict[tuple[str, float], tuple[int, int]] = {}
-        self._results: dict[tuple[str, float], StudyResult] = {}
+        self._stamps: dict[tuple[str, float, str], tuple[int, int]] = {}
+        self._results: dict[tuple[str, float, str], StudyResult] = {}
         self._last_s = -float("inf")
 
-    def invalidate(self, key: tuple[str, float]) -> None:
+    def invalidate(self, key: tuple[str, float, str]) -> None:
         with self._lock:
             self._stamps.pop(key, None)
             self._last_s = -float("inf")
 
-    def poll(self) -> dict[tuple[str, float], StudyResult]:
+    def poll(self) -> dict[tuple[str, float, str], StudyResult]:
         with self._lock:
             if time.monotonic() - self._last_s >= self.interval_s:
                 for job in self.jobs:
@@ -315,19 +364,21 @@ class ProgressEntry:
     """One line of the live view."""
 
     system: str
-    rate_req_s: float
+    rate_req_s: float  # 0: nothing served (fig12)
     total_trials: int
     state: str  # waiting | running | done | stopped | failed
     row: FigureRow | None  # None: nothing stored yet
+    lora: str = ""  # fig13: the served adapters
 
 
 def progress_table(figure: str, entries: Sequence[ProgressEntry]) -> Table:
     """The live view: one row per (system, rate), from the rows alone."""
     done = sum(e.state == "done" for e in entries)
     table = Table(title=f"{figure}: {done} of {len(entries)} studies done", header_style="bold", title_justify="left")
-    for name in ("system", "rate req/s", "trials", "best PEFT samples/s", "P99 TTFT ms", "P99 TPOT ms",
-                 "feasible", "state"):
-        table.add_column(name, justify="left" if name in ("system", "state") else "right")
+    lora = any(e.lora for e in entries)
+    for name in ("system", "rate req/s", *(("LoRA adapters",) if lora else ()), "trials", "best PEFT samples/s",
+                 "P99 TTFT ms", "P99 TPOT ms", "feasible", "state"):
+        table.add_column(name, justify="left" if name in ("system", "state", "LoRA adapters") else "right")
     styles = {"done": "green", "running": "cyan", "stopped": "yellow", "failed": "red", "waiting": "dim"}
     for e in entries:
         r = e.row
@@ -337,8 +388,10 @@ def progress_table(figure: str, entries: Sequence[ProgressEntry]) -> Table:
             ttft = tpot = Text("-", style="dim")
         else:
             best = Text(f"{r.peft_samples_per_s:.3f}", style="bold green")
-            ttft, tpot = Text(f"{r.ttft_p99_ms:.1f}"), Text(f"{r.tpot_p99_ms:.2f}")
-        table.add_row(e.system, f"{e.rate_req_s:g}", f"{trials}/{max(e.total_trials, trials)}", best, ttft, tpot,
+            ttft, tpot = (Text(f"{v:.{d}f}") if v is not None else Text("-", style="dim")
+                          for v, d in ((r.ttft_p99_ms, 1), (r.tpot_p99_ms, 2)))
+        table.add_row(e.system, f"{e.rate_req_s:g}" if e.rate_req_s > 0 else "-", *((e.lora,) if lora else ()),
+                      f"{trials}/{max(e.total_trials, trials)}", best, ttft, tpot,
                       str(r.feasible_trials) if r is not None else "-", Text(e.state, style=styles.get(e.state, "")))
     return table
 
@@ -367,11 +420,25 @@ class FigureView:
                 state = "running"  # its log grew: a worker has it
             result = results.get(job.key)
             out.append(ProgressEntry(job.system, job.rate_req_s, job.trials, state,
-                                     study_row(result) if result is not None else None))
+                                     study_row(result) if result is not None else None, job.lora))
         return out
 
     def render(self) -> Table:
         return progress_table(self.figure, self.entries())
+
+
+def plan_text(request: FigureRequest, jobs: Sequence[FigureJob], rates: Sequence[float], basis: str) -> str:
+    """What will run, in a few words."""
+    systems = _count(len({j.system for j in jobs}), "system")
+    if request.figure == "fig12":
+        return (f"{systems}, no serving, one trial per setting of tasklets between pause points "
+                f"({', '.join(map(str, request.tasklets))})")
+    head = f"{systems} x {_count(len(rates), 'rate')} ({', '.join(f'{r:g}' for r in rates)} req/s: {basis})"
+    groups = sorted({j.lora for j in jobs if j.lora})
+    if groups:
+        head += f" x {_count(len(groups), 'LoRA setting')} ({', '.join(groups)})"
+    objective = " (objective pareto)" if request.study_objective == "pareto" else ""
+    return f"{head}, {_count(request.trials, 'trial')} each{objective}"
 
 
 def _never() -> bool:
@@ -534,7 +601,7 @@ def run_figure(request: FigureRequest, console: Console, plain: bool) -> FigureD
     """Run (or resume) every study of the figure, then write ``FIG.csv``, the
     studies' JSON, and ``FIG.png``/``FIG.svg`` where matplotlib is installed;
     print the comparison table."""
-    check_figure(request.figure)
+    check_request(request)
     check_out_dir(request.out_dir)
     options = backend_options(request)
     if request.storage is not None:  # a bad URL now, not from a worker
@@ -562,10 +629,9 @@ def run_figure(request: FigureRequest, console: Console, plain: bool) -> FigureD
             console.print("one SQLite --storage for every study: running them one after another "
                           "(several writers to one SQLite file are fragile)",
                           markup=False, highlight=False, soft_wrap=True)
-        console.print(f"{request.figure}: {_count(len(request.systems), 'system')} x {_count(len(rates), 'rate')} "
-                      f"({', '.join(f'{r:g}' for r in rates)} req/s: {basis}), {_count(request.trials, 'trial')} "
-                      f"each, {request.backend} on {hardware}, {_count(workers, 'worker')}; "
-                      f"logs in {out / 'logs'}", markup=False, highlight=False, soft_wrap=True)
+        console.print(f"{request.figure}: {plan_text(request, jobs, rates, basis)}, {request.backend} on {hardware}, "
+                      f"{_count(workers, 'worker')}; logs in {out / 'logs'}", markup=False, highlight=False,
+                      soft_wrap=True)
 
         view = FigureView(request.figure, jobs)
 
@@ -598,7 +664,7 @@ def run_figure(request: FigureRequest, console: Console, plain: bool) -> FigureD
             raise KeyboardInterrupt("the studies keep every finished trial; the same command resumes them") from None
 
     results = [load_result(job.storage, job.study_name) for job in jobs]
-    data = figure_data(request.figure, results, request.systems)
+    data = figure_data(request.figure, results, figure_systems(request))
     write_outputs(data, results, out, console)
     return data
 
@@ -608,11 +674,11 @@ def write_outputs(data: FigureData, results: Sequence[StudyResult], out: Path, c
     from autotune.figure.plot import INSTALL_HINT, draw, have_matplotlib
 
     csv_path = out / f"{data.figure}.csv"
-    write_text(csv_path, csv_text(data.rows))
+    write_text(csv_path, figure_csv_text(data))
     for result in results:
         write_json(result, out / "json" / f"{result.study_name}.json")
     say = lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
-    say(comparison_text(data))
+    say(figure_text(data))
     say(f"written: {csv_path}, {len(results)} study results under {out / 'json'}")
     if have_matplotlib():
         png, svg = out / f"{data.figure}.png", out / f"{data.figure}.svg"

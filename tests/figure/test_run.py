@@ -288,10 +288,16 @@ def test_a_study_a_worker_refuses_stops_the_run_in_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["fig10"], ["not yet", "fig10", "use the tune command"]),
-    (["fig12"], ["not yet", "fig12"]),
-    (["fig13"], ["not yet", "fig13"]),
-    (["fig99"], ["unknown figure 'fig99'", "fig8a, fig9a"]),
+    (["fig99"], ["unknown figure 'fig99'", "fig8a, fig9a, fig10, fig12, fig13"]),
+    (["fig10", "--rates", "0.5,1"], ["--rates", "fig10 is drawn at one request rate", "0.5, 1"]),
+    (["fig12", "--rates", "1"], ["--rates", "fig12 serves nothing"]),
+    (["fig12", "--trials", "3"], ["--trials", "one trial per --tasklets"]),
+    (["fig12", "--systems", "chunked"], ["fig12 is for llmstation only", "chunked"]),
+    (["fig12", "--objective", "pareto"], ["--objective pareto", "fig12 serves nothing"]),
+    (["fig12", "--tasklets", "0,4"], ["--tasklets", "1..1024", "got 0"]),
+    (["fig12", "--tasklets", "a"], ["--tasklets", "whole numbers"]),
+    (["fig13", "--lora-dists", "uniform,wide"], ["--lora-dists", "uniform, skewed, none", "'wide'"]),
+    (["fig13", "--lora-ranks", "8,12"], ["--lora-ranks", "8, 16, 32", "got 12"]),
     (["fig8a", "--rates", "1,x"], ["--rates", "'1,x'"]),
     (["fig8a", "--rates", "3,0"], ["--rates", "positive", "got 0"]),
     (["fig8a", "--rates", ","], ["--rates"]),
