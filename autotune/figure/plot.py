@@ -4,13 +4,15 @@ fig13, the same numbers as grouped bars per served LoRA setting; fig10, P99
 TTFT and P99 TPOT against PEFT samples/s (every trial, each system's
 trade-off curve, the SLO lines); fig12, PEFT samples/s against pause points.
 
-Needs matplotlib (``pip install -e ".[figure]"``); drawn with the
-non-interactive Agg backend, so it works without a display.
+Needs matplotlib (``pip install -e ".[figure]"``); drawn on matplotlib
+``Figure`` objects, not pyplot, so it works without a display and leaves the
+caller's backend (a notebook's) as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -68,11 +70,9 @@ def system_style(system: str, i: int) -> tuple[str, str, str]:
 
 @contextlib.contextmanager
 def _figure(size_in: tuple[float, float] = SIZE_IN) -> Iterator[Any]:
-    """A matplotlib Figure (Agg, no display) in the house style."""
+    """A matplotlib Figure (no display, nothing global changed) in the house style."""
     import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # not pyplot: no backend chosen, none changed for the caller
 
     style = {"svg.fonttype": "none",  # text stays text (searchable, the legend's names readable)
              "svg.hashsalt": "autotune",  # the same ids in every file: the same rows make the same SVG
@@ -81,13 +81,28 @@ def _figure(size_in: tuple[float, float] = SIZE_IN) -> Iterator[Any]:
         yield Figure(figsize=size_in, dpi=DPI)
 
 
-def draw(data: FigureData, png: Path, svg: Path) -> None:
-    """Write ``png`` and ``svg`` of the figure; the SVG keeps its text as text."""
+@contextlib.contextmanager
+def _drawn(data: FigureData) -> Iterator[Any]:
+    """The figure of ``data``, drawn, inside the house style (saved there too)."""
     drawers = {"fig10": _draw_tradeoff, "fig12": _draw_pauses, "fig13": _draw_bars}
     size = (11.0, 5.0) if data.figure in ("fig10", "fig13") else SIZE_IN
     with _figure(size) as fig:
         drawers.get(data.figure, _draw_rates)(fig, data)
+        yield fig
+
+
+def draw(data: FigureData, png: Path, svg: Path) -> None:
+    """Write ``png`` and ``svg`` of the figure; the SVG keeps its text as text."""
+    with _drawn(data) as fig:
         _save(fig, png, svg)
+
+
+def png_bytes(data: FigureData) -> bytes:
+    """The figure as PNG, the same as ``draw`` writes (for a notebook to show)."""
+    buf = io.BytesIO()
+    with _drawn(data) as fig:
+        fig.savefig(buf, format="png", dpi=DPI, metadata=_metadata(".png"))
+    return buf.getvalue()
 
 
 def _legend_below(fig: Any, ax: Any, ncol: int = 3) -> None:
