@@ -157,6 +157,7 @@ class FigureRow:
     llmstation_ratio: float | None = None  # LLMStation's PEFT / this one's; inf, or None: blank
     lora_dist: str | None = None  # fig13: uniform | skewed | none
     lora_rank: int | None = None  # fig13: rank of the served adapters
+    pareto_optimal: int | None = None  # a pareto study's Pareto-optimal feasible trials; None: one objective
 
     @property
     def feasible(self) -> bool:
@@ -244,6 +245,7 @@ def study_row(result: StudyResult) -> FigureRow:
         trainer_alone_samples_per_s=float(ceiling) if ceiling is not None else None,
         lora_dist=cfg.get("lora_dist"),
         lora_rank=cfg.get("lora_rank") if cfg.get("lora_dist") is not None else None,
+        pareto_optimal=len(result.pareto_numbers) if result.objective == "pareto" else None,
     )
 
 
@@ -473,7 +475,8 @@ def finished_line(row: FigureRow) -> str:
     where = f"{row.rate_req_s:g} req/s" + (f", adapters {lora_label(row.lora_dist, row.lora_rank)}"
                                            if row.lora_dist is not None else "")
     head = f"{row.system} at {where}" if row.rate_req_s > 0 else f"{row.system}, no serving"
-    head += f": {row.trials} trials, {row.feasible_trials} feasible; "
+    head += f": {row.trials} trials, {row.feasible_trials} feasible"
+    head += f", {row.pareto_optimal} Pareto-optimal; " if row.pareto_optimal is not None else "; "
     if not row.feasible:
         return head + "no setting meets the SLO; PEFT throughput counts as 0"
     if row.ttft_p99_ms is None:

@@ -376,8 +376,9 @@ def progress_table(figure: str, entries: Sequence[ProgressEntry]) -> Table:
     done = sum(e.state == "done" for e in entries)
     table = Table(title=f"{figure}: {done} of {len(entries)} studies done", header_style="bold", title_justify="left")
     lora = any(e.lora for e in entries)
+    pareto = any(e.row is not None and e.row.pareto_optimal is not None for e in entries)
     for name in ("system", "rate req/s", *(("LoRA adapters",) if lora else ()), "trials", "best PEFT samples/s",
-                 "P99 TTFT ms", "P99 TPOT ms", "feasible", "state"):
+                 "P99 TTFT ms", "P99 TPOT ms", "feasible", *(("Pareto-optimal",) if pareto else ()), "state"):
         table.add_column(name, justify="left" if name in ("system", "state", "LoRA adapters") else "right")
     styles = {"done": "green", "running": "cyan", "stopped": "yellow", "failed": "red", "waiting": "dim"}
     for e in entries:
@@ -392,7 +393,10 @@ def progress_table(figure: str, entries: Sequence[ProgressEntry]) -> Table:
                           for v, d in ((r.ttft_p99_ms, 1), (r.tpot_p99_ms, 2)))
         table.add_row(e.system, f"{e.rate_req_s:g}" if e.rate_req_s > 0 else "-", *((e.lora,) if lora else ()),
                       f"{trials}/{max(e.total_trials, trials)}", best, ttft, tpot,
-                      str(r.feasible_trials) if r is not None else "-", Text(e.state, style=styles.get(e.state, "")))
+                      str(r.feasible_trials) if r is not None else "-",
+                      *((str(r.pareto_optimal) if r is not None and r.pareto_optimal is not None else "-",)
+                        if pareto else ()),
+                      Text(e.state, style=styles.get(e.state, "")))
     return table
 
 

@@ -85,3 +85,15 @@ def test_live_view_shows_the_lora_setting_and_no_rate_without_serving():
     console.print(progress_table("fig12", [ProgressEntry("llmstation", 0.0, 6, "running", None)]))
     line = next(ln for ln in console.export_text().splitlines() if "llmstation" in ln)
     assert line.replace("│", " ").split()[:3] == ["llmstation", "-", "0/6"] and "LoRA" not in console.export_text()
+
+
+def test_a_pareto_study_row_counts_its_pareto_optimal_trials_in_the_live_view():
+    pareto = _result("llmstation", _row(0, "feasible", 1.0), _row(1, "feasible", 0.5, ttft=100.0),
+                     figure="fig10", pareto=(0, 1))
+    row = figure_rows([pareto])[0]
+    assert row.pareto_optimal == 2 and figure_rows([_result("chunked", _row(0, "feasible", 1.0))])[0].pareto_optimal is None
+    console = Console(record=True, width=160, color_system=None)
+    console.print(progress_table("fig10", [ProgressEntry("llmstation", 0.88, 4, "running", row)]))
+    lines = console.export_text().splitlines()
+    assert "Pareto-optimal" in "\n".join(lines)
+    assert next(ln for ln in lines if "llmstation" in ln).replace("│", " ").split()[-2:] == ["2", "running"]
