@@ -248,10 +248,12 @@ def figure_command(
                                                   "run; default 20; fig12: one per --tasklets)")] = None,
     objective: Annotated[Optional[Objective], typer.Option(help=_OBJECTIVE_HELP + " (default: pareto for fig10, "
                                                            "else peft)")] = None,
-    lora_dists: Annotated[str, typer.Option(help="fig13: served adapters' distributions")] = "uniform,skewed,none",
-    lora_ranks: Annotated[str, typer.Option(help="fig13: served adapters' ranks")] = "8,16,32",
-    tasklets: Annotated[str, typer.Option(help="fig12: tasklets between pause points, both passes "
-                                          "(1: after every layer; 33: once per pass)")] = "1,2,4,8,16,33",
+    lora_dists: Annotated[Optional[str], typer.Option(help="fig13: served adapters' distributions "
+                                                      "(default uniform,skewed,none)")] = None,
+    lora_ranks: Annotated[Optional[str], typer.Option(help="fig13: served adapters' ranks (default 8,16,32)")] = None,
+    tasklets: Annotated[Optional[str], typer.Option(help="fig12: tasklets between pause points, both passes "
+                                                    "(1: after every layer; 33: once per pass; "
+                                                    "default 1,2,4,8,16,33)")] = None,
     backend: Annotated[BackendName, typer.Option(help="sim: embedded simulator, studies side by side; "
                                                  "gpu: one after another")] = BackendName["sim"],
     hardware: Annotated[Optional[str], typer.Option(help="sim: packaged hardware profile "
@@ -282,15 +284,23 @@ def figure_command(
     check_figure(figure)
     if figure == "fig12" and trials is not None:
         raise UserError("--trials: fig12 runs one trial per --tasklets value")
+    for flag, value, only in (("--lora-dists", lora_dists, "fig13"), ("--lora-ranks", lora_ranks, "fig13"),
+                              ("--tasklets", tasklets, "fig12")):
+        if value is not None and figure != only:
+            raise UserError(f"{flag} applies to {only}, not {figure}")
+    sweeps = {}
+    if lora_dists is not None:
+        sweeps["lora_dists"] = parse_choices(lora_dists, "--lora-dists", LORA_DISTS)
+    if lora_ranks is not None:
+        sweeps["lora_ranks"] = parse_ints(lora_ranks, "--lora-ranks", allowed=LORA_RANKS)
+    if tasklets is not None:
+        sweeps["tasklets"] = parse_ints(tasklets, "--tasklets", low=1, high=1024)
     request = FigureRequest(
         figure=figure, systems=parse_systems(systems), rates_req_s=parse_rates(rates) if rates is not None else None,
         trials=trials or 20, out_dir=out, backend=backend.value, hardware=hardware, seed=seed, sampler=sampler.value,
         num_prompts=num_prompts, slo=SloSpec(slo_ttft_ms, slo_tpot_ms, slo_ttft_ratio, slo_tpot_ratio),
         storage=storage, workers=workers if workers is not None else (os.cpu_count() or 1),
-        objective=objective.value if objective is not None else None,
-        lora_dists=parse_choices(lora_dists, "--lora-dists", LORA_DISTS),
-        lora_ranks=parse_ints(lora_ranks, "--lora-ranks", allowed=LORA_RANKS),
-        tasklets=parse_ints(tasklets, "--tasklets", low=1, high=1024),
+        objective=objective.value if objective is not None else None, **sweeps,
     )
     if workers is not None and workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
