@@ -11,9 +11,12 @@ written, a full disk, a storage that does not answer) one line and exit code
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -21,7 +24,7 @@ import typer
 from typer.core import TyperGroup
 from rich.console import Console
 
-from autotune.errors import EnvironmentFailure, UserError, os_error
+from autotune.errors import EnvironmentFailure, UserError, os_error, raise_interrupted
 from autotune.figures import FIGURES, LORA_DISTS, LORA_RANKS
 from autotune.samplers import DEFAULT_SAMPLER, SAMPLERS
 from autotune.sim.profile import DEFAULT_PROFILE
@@ -40,8 +43,12 @@ def _click_exceptions(name: str) -> tuple[type[BaseException], ...]:
 
 
 class _Interrupted(Exception):
-    """Ctrl-C on its way past Typer, which would turn a KeyboardInterrupt into
-    a bare exit code and drop what it says."""
+    """Ctrl-C (or SIGTERM) on its way past Typer, which would turn a
+    KeyboardInterrupt into a bare exit code and drop what it says."""
+
+    def __init__(self, message: str = "", signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 class _Group(TyperGroup):
@@ -53,9 +60,13 @@ class _Group(TyperGroup):
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt as e:
-            raise _Interrupted(str(e)) from None
+            raise _Interrupted(str(e), getattr(e, "signum", signal.SIGINT)) from None
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        with _sigterm_as_interrupt():  # the same clean end as Ctrl-C, exit 143
+            self._main(args, prog_name, complete_var, **extra)
+
+    def _main(self, args, prog_name, complete_var, **extra):
         err = Console(stderr=True, highlight=False, soft_wrap=True)
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
@@ -77,8 +88,22 @@ class _Group(TyperGroup):
             why = str(e) if isinstance(e, (_Interrupted, KeyboardInterrupt)) and str(e) else \
                 "the study keeps every finished trial"
             err.print(f"autotune: interrupted; {why}", markup=False)
-            sys.exit(130)
+            sys.exit(128 + getattr(e, "signum", signal.SIGINT))
         sys.exit(0)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM raises ``Interrupted`` (main thread, where nobody else handles it)."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    if previous == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, raise_interrupted)
+    try:
+        yield
+    finally:
+        if previous == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _usage_message(e) -> str:
@@ -149,6 +174,8 @@ def _tune(system: str):
         confirm: Annotated[int, typer.Option(min=0, help="re-run the best settings on N fresh workloads; "
                                              "recommend the best that meets the SLO on all")] = 0,
         plain: Annotated[bool, typer.Option(help="one line per trial instead of the live table")] = False,
+        workers: Annotated[int, typer.Option(help="worker processes of the study, --trials among them (gpu: "
+                                             "--gpus GPUs each, its own server port and MPS folder)")] = 1,
     ) -> None:
         from autotune.study import StudyConfig, check_runs_dir, storage_url
 
@@ -187,7 +214,9 @@ def _tune(system: str):
             options = {"runs_dir": runs_dir, "use_mps": not no_mps, "vllm_args": tuple(vllm_arg or ()),
                        "model_path": Path(model) if model and Path(model).is_dir() else None,
                        "finetune_data": finetune_data, "gpus": gpus or 1, "gpu_mem_gb": gpu_mem_gb}
-        _run(config, backend.value, options, trials, json_path, plain)
+        if workers < 1:
+            raise UserError(f"--workers must be at least 1, got {workers}")
+        _run(config, backend.value, options, trials, json_path, plain, workers)
 
     command.__doc__ = f"Tune {SYSTEMS[system].title}: {SYSTEMS[system].description}."
     return command
@@ -209,7 +238,8 @@ def _sqlite_file(url: str) -> Path | None:
     return Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None
 
 
-def _run(config, backend_name: str, options: dict, trials: int, json_path: Path | None, plain: bool) -> None:
+def _run(config, backend_name: str, options: dict, trials: int, json_path: Path | None, plain: bool,
+         workers: int = 1) -> None:
     from autotune.backends import make_backend
     from autotune.live import LiveReporter, PlainReporter
     from autotune.results import StudyResult, summary_text, write_json
@@ -222,8 +252,15 @@ def _run(config, backend_name: str, options: dict, trials: int, json_path: Path 
     live = not plain and console.is_terminal
     observer = LiveReporter(console) if live else PlainReporter()
     try:
-        with make_backend(backend_name, **options) as backend:
-            ctx = run_study(config, backend, trials, observer)
+        if workers > 1:
+            from autotune.workers import run_workers, visible_devices
+
+            devices = visible_devices(os.environ, _gpu_count()) if backend_name == "gpu" else ()
+            ctx = run_workers(config, backend_name, options, trials, workers, observer, devices,
+                              say=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
+        else:
+            with make_backend(backend_name, **options) as backend:
+                ctx = run_study(config, backend, trials, observer)
     finally:
         if isinstance(observer, LiveReporter):
             observer.close()
@@ -232,6 +269,12 @@ def _run(config, backend_name: str, options: dict, trials: int, json_path: Path 
     if json_path is not None:
         write_json(result, json_path)
         print(f"results written to {json_path}")
+
+
+def _gpu_count() -> int:
+    from autotune.gpu.backend import gpu_count
+
+    return gpu_count()
 
 
 for _name in SYSTEMS:

@@ -49,3 +49,17 @@ class TrialCrash(Exception):
     Backends raise it, or return a ``TrialResult`` with ``error`` set; the
     study records the trial as infeasible with this reason.
     """
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM: a ``KeyboardInterrupt`` that knows its
+    signal, so that the CLI exits with 128 + its number (130, 143)."""
+
+    def __init__(self, message: str = "", signum: int = 2) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+def raise_interrupted(signum: int, frame: object) -> None:
+    """A signal handler: SIGTERM (or SIGINT) raised as ``Interrupted``."""
+    raise Interrupted(signum=signum)

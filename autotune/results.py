@@ -52,6 +52,8 @@ class TrialRow:
             outcome = "running"
         else:
             outcome = t.user_attrs.get("outcome", "failed")
+            if t.state == optuna.trial.TrialState.FAIL and outcome not in ("interrupted", "failed"):
+                outcome = "failed"  # measured, but not stored whole: never counted feasible
         return cls(
             number=t.number,
             state=t.state.name,

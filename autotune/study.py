@@ -19,14 +19,15 @@ import hashlib
 import json
 import math
 import os
-import warnings
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+import signal
+import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.trial import TrialState
 
 from autotune.backends import Backend
 from autotune.confirm import Confirmation, confirm
@@ -35,8 +36,13 @@ from autotune.figures import FigurePreset, get_figure
 from autotune.knobs import SearchSpace
 from autotune.models import ModelConfig, resolve_model
 from autotune.policy import SAMPLE_TOKENS, Preemption
+from autotune.distinct import DistinctSampler, sampler_seed
+from autotune.interrupts import InterruptGate
 from autotune.samplers import DEFAULT_SAMPLER, make_sampler
-from autotune.slo import CONSTRAINT_KEYS, CRASH_VIOLATION, ResolvedSlo, SloSpec, constraint_margins, feasible, resolve
+from autotune.slo import CRASH_VIOLATION, ResolvedSlo, SloSpec, constraint_margins, feasible, resolve
+from autotune.storage import (OWNER_ATTR, FolderLock, abandon, create_study, fail_abandoned, folder_lock,
+                              heartbeats_on, hide_password, is_storage_failure, open_storage, owner_alive,
+                              owner_tag, storage_reason)
 from autotune.systems import System, get_system
 from autotune.trial import LoraServing, TrialKind, TrialResult, TrialSpec
 from autotune.workloads.spec import Workload
@@ -44,6 +50,8 @@ from autotune.workloads.spec import Workload
 DEFAULT_RUNS_DIR = Path("autotune-runs")
 #: Seeds NumPy takes (the samplers' random state): 0 .. 2**32 - 1.
 MAX_SEED = 2**32 - 1
+#: How often a worker with nothing to run looks again at others' trials in flight, s.
+WAIT_POLL_S = 1.0
 #: What a study optimizes: PEFT samples/s alone, or the three objectives below.
 OBJECTIVES = ("peft", "pareto")
 #: ``objective="pareto"``: the objective values' metrics and their directions, in order.
@@ -93,6 +101,7 @@ class StudyContext:
     backend: Backend
     slo: ResolvedSlo | None = None
     references: dict[str, dict[str, Any]] = field(default_factory=dict)
+    storage: optuna.storages.BaseStorage | None = None  # the study's, from open_storage
 
     @property
     def lora_serving(self) -> LoraServing | None:
@@ -124,56 +133,6 @@ def storage_url(config: StudyConfig) -> str:
     return f"sqlite:///{config.runs_dir / 'studies.db'}"
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """An Optuna storage, or a one-line error naming what is wrong with the URL."""
-    if url.startswith("sqlite:///"):
-        path = Path(url.removeprefix("sqlite:///"))
-        if str(path) not in ("", ":memory:"):
-            if path.exists() and not path.is_file():
-                raise UserError(f"storage {url}: {path} is not a file")
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise os_error(e, f"storage {url}: cannot create {path.parent}") from None
-            if path.exists():
-                with open(path, "rb") as f:
-                    head = f.read(16)
-                if head and head != b"SQLite format 3\x00":
-                    raise UserError(f"storage {url}: {path} is not an SQLite database")
-    elif url.endswith((".log", ".journal", ".jsonl")) and "://" not in url:
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-        return JournalStorage(JournalFileBackend(url))
-    try:
-        return optuna.storages.get_storage(url)
-    except Exception as e:  # noqa: BLE001  (SQLAlchemy and drivers raise many kinds)
-        if _is_storage_failure(e):  # the URL is fine; the disk or the server is not
-            raise EnvironmentFailure(f"storage {url}: {_storage_reason(e)}") from None
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"unusable storage URL {url!r}: {msg}") from None
-
-
-def _is_storage_failure(e: BaseException) -> bool:
-    """A storage that could not read or write (full or read-only disk, lost
-    connection), as Optuna and SQLAlchemy report it."""
-    if isinstance(e, optuna.exceptions.StorageInternalError):
-        return True
-    try:
-        from sqlalchemy.exc import OperationalError
-    except ImportError:
-        return False
-    return isinstance(e, OperationalError)
-
-
-def _storage_reason(e: BaseException) -> str:
-    """The driver's own words, first line ("database or disk is full")."""
-    if isinstance(e, optuna.exceptions.StorageInternalError) and e.__cause__ is not None:
-        e = e.__cause__
-    orig = getattr(e, "orig", None)  # SQLAlchemy keeps the driver's exception here
-    text = str(orig if orig is not None else e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 _WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
 
 
@@ -185,8 +144,8 @@ def _failure_of(e: BaseException, url: str) -> UserError | None:
     if isinstance(e, OSError):
         what = "cannot write" if e.errno in _WRITE_ERRORS else "cannot use"
         return os_error(e, f"{what} {e.filename}" if e.filename is not None else f"{what} a file")
-    if _is_storage_failure(e):
-        return EnvironmentFailure(f"the study's storage {url} failed: {_storage_reason(e)}")
+    if is_storage_failure(e):
+        return EnvironmentFailure(f"the study's storage {hide_password(url)} failed: {storage_reason(e)}")
     if isinstance(e, AssertionError) and str(e) == "Should not reach." and e.__context__ is not None:
         return _failure_of(e.__context__, url)  # how Optuna ends a trial whose FAIL it could not store
     return None
@@ -311,8 +270,9 @@ def _identity(ctx_config: StudyConfig, model: ModelConfig, rate: float, workload
     }
 
 
-def prepare(config: StudyConfig, backend: Backend) -> StudyContext:
-    """Resolve names, ranges, workload and storage; create or resume the study."""
+def prepare(config: StudyConfig, backend: Backend, *, worker_id: int = 0) -> StudyContext:
+    """Resolve names, ranges, workload and storage; create or resume the study.
+    ``worker_id``: which of several workers of the study this is (its sampler's seed)."""
     system = get_system(config.system)
     figure = get_figure(config.figure)
     _check_figure_options(config, figure)
@@ -344,15 +304,18 @@ def prepare(config: StudyConfig, backend: Backend) -> StudyContext:
                 "pass --study-name for a new study"
             )
     n_done = existing[name].n_trials if name in existing else 0
-    sampler = make_sampler(config.sampler, space, seed=(config.seed + 1000 * n_done) % (MAX_SEED + 1))
+    seed = sampler_seed(config.seed, worker_id, n_done)
+    sampler = make_sampler(config.sampler, space, seed=seed)
+    if not isinstance(sampler, optuna.samplers.GridSampler):  # a grid never repeats a point itself
+        sampler = DistinctSampler(sampler, space.distributions(), seed=seed)
     directions = [d for _, d in PARETO_OBJECTIVES] if config.objective == "pareto" else ["maximize"]
-    study = optuna.create_study(
-        study_name=name, storage=storage, sampler=sampler, directions=directions, load_if_exists=True
-    )
+    study = create_study(storage, name, sampler, directions)
+    fail_abandoned(storage, name)  # no dead worker's trial stays RUNNING past this start
     if "identity" not in study.user_attrs:
         study.set_user_attr("identity", identity)
         study.set_user_attr("config", _config_record(config, figure, model, rate, basis, workload, space, backend))
-    return StudyContext(config, system, figure, space, model, rate, basis, workload, study, backend)
+    return StudyContext(config, system, figure, space, model, rate, basis, workload, study, backend,
+                        storage=storage)
 
 
 def _config_record(config: StudyConfig, figure: FigurePreset, model: ModelConfig, rate: float, basis: str,
@@ -413,7 +376,7 @@ class ReferenceCache:
         share the file: read, add and replace happen under a lock on its
         folder, each writer through a temporary file of its own."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with _folder_lock(self.path.parent):
+        with folder_lock(self.path.parent):
             data = self._load()
             data[key] = record
             tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
@@ -423,23 +386,6 @@ class ReferenceCache:
             except OSError:
                 tmp.unlink(missing_ok=True)
                 raise
-
-
-@contextmanager
-def _folder_lock(folder: Path) -> Iterator[None]:
-    """An exclusive lock between processes, on ``folder`` itself (no lock
-    file left behind); without ``fcntl`` (not POSIX) no lock."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
 
 
 def _reference_key(ctx: StudyContext, kind: TrialKind) -> str:
@@ -571,37 +517,56 @@ def enqueue_settings(ctx: StudyContext) -> int:
     return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
 
 
-def run_trials(ctx: StudyContext, n_trials: int, observer: StudyObserver) -> None:
-    """``n_trials`` more trials (fewer if a grid is exhausted).
+def run_trials(ctx: StudyContext, n_trials: int, observer: StudyObserver, *,
+               until_complete: int | None = None) -> None:
+    """``n_trials`` more trials (fewer if a grid is exhausted); a worker of
+    several (``until_complete``): trials until the study has that many
+    COMPLETE ones, waiting while others' trials in flight may still fail
+    (see ``_next_step``), and running the trials of dead workers again.
 
     Ctrl-C during a trial: the trial gets both constraints and its reason,
     Optuna records it FAIL, and the interrupt goes on up. Anything else that
     ends the study (a full or read-only disk, a storage that fails) does the
     same, and comes out as a one-line ``EnvironmentFailure`` (or
     ``UserError``); no trial is left RUNNING where the storage takes the FAIL.
+    Ctrl-C and SIGTERM reach the study only inside a trial's measurement
+    (``InterruptGate``): a trial is stored whole or failed, never half.
     """
     study = ctx.study
     url = storage_url(ctx.config)
     if ctx.workload is not None and ctx.slo is None:  # never a trial held to a missing limit
         raise RuntimeError("the study's SLO is resolved by run_references(); call it before run_trials()")
-    if ctx.config.settings:
-        enqueue_settings(ctx)
-    elif not study.trials and not isinstance(study.sampler, optuna.samplers.GridSampler):
-        study.enqueue_trial(ctx.space.defaults())  # the artifact's example values first
+    # This machine's workers queue, decide, ask and sample one at a time: none
+    # queues what another did, starts a trial past the study's count, or
+    # samples a setting another is sampling now.
+    turn = FolderLock(ctx.config.runs_dir)
+    with turn:
+        if ctx.config.settings:
+            enqueue_settings(ctx)
+        elif not study.trials and not isinstance(study.sampler, optuna.samplers.GridSampler):
+            study.enqueue_trial(ctx.space.defaults())  # the artifact's example values first
     in_flight: list[optuna.Trial] = []
+    gate = InterruptGate()
+    owner = owner_tag()
 
     def objective(trial: optuna.Trial) -> float | tuple[float, ...]:
         in_flight[:] = [trial]
-        params = {k.name: _suggest(trial, k) for k in ctx.space}
+        trial.set_user_attr(OWNER_ATTR, owner)
+        try:
+            params = {k.name: _suggest(trial, k) for k in ctx.space}
+        finally:
+            turn.release()
         observer.on_trial_start(ctx, trial.number, params)
         try:
-            result = ctx.backend.run_trial(trial_spec(ctx, params, trial.number), observer.on_progress)
-        except KeyboardInterrupt:
-            _abandon(trial, "interrupted", "interrupted (Ctrl-C)")
+            with gate.open():
+                result = ctx.backend.run_trial(trial_spec(ctx, params, trial.number), observer.on_progress)
+        except KeyboardInterrupt as e:
+            signal_name = "SIGTERM" if getattr(e, "signum", None) == signal.SIGTERM else "Ctrl-C"
+            abandon(trial, "interrupted", f"interrupted ({signal_name})")
             raise
         except Exception as e:
             failure = _failure_of(e, url)
-            _abandon(trial, "failed", str(failure) if failure is not None else _one_line(e))
+            abandon(trial, "failed", str(failure) if failure is not None else _one_line(e))
             if failure is not None and failure is not e:
                 raise failure from e
             raise
@@ -610,8 +575,24 @@ def run_trials(ctx: StudyContext, n_trials: int, observer: StudyObserver) -> Non
     def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         observer.on_trial_end(ctx, trial)
 
+    n_run = 0
     try:
-        study.optimize(objective, n_trials=n_trials, callbacks=[callback], catch=(), gc_after_trial=False)
+        with gate.installed():
+            while True:
+                turn.acquire()
+                try:
+                    step = _next_step(ctx, n_run, n_trials, until_complete)
+                    if step == "run":
+                        in_flight.clear()
+                        study.optimize(objective, n_trials=1, callbacks=[callback], catch=(), gc_after_trial=False)
+                        n_run += 1
+                finally:
+                    turn.release()
+                if step == "stop":
+                    break
+                if step == "wait":
+                    time.sleep(WAIT_POLL_S)
+                gate.check()
     except KeyboardInterrupt:
         _quietly(record_backend, ctx)
         raise
@@ -631,19 +612,29 @@ def run_trials(ctx: StudyContext, n_trials: int, observer: StudyObserver) -> Non
     record_backend(ctx)
 
 
-def _abandon(trial: optuna.Trial, outcome: str, error: str) -> None:
-    """Both constraints (never met, unless the trial measured them already),
-    the outcome and the reason, on a trial about to be recorded FAIL: as much
-    of it as the storage takes."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Optuna keeps a constraint already set, and says so
-            for key in CONSTRAINT_KEYS:
-                trial.set_constraint(key, CRASH_VIOLATION)
-        trial.set_user_attr("outcome", outcome)
-        trial.set_user_attr("error", error)
-    except Exception:  # noqa: BLE001  (a failing storage: the caller reports the failure)
-        pass
+def _next_step(ctx: StudyContext, n_run: int, n_trials: int, until_complete: int | None) -> str:
+    """What a study's loop does next: "run" a trial, "wait" (others' trials in
+    flight may still fail and need running again), or "stop". Dead workers'
+    trials are failed first, and queued to run again."""
+    study = ctx.study
+    sampler = study.sampler
+    if isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(study):
+        return "stop"
+    if until_complete is None:
+        return "run" if n_run < n_trials else "stop"
+    fail_abandoned(ctx.storage, study.study_name)
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    complete, running = states.count(TrialState.COMPLETE), states.count(TrialState.RUNNING)
+    if TrialState.WAITING in states or complete + running < until_complete:
+        return "run"
+    if complete >= until_complete or running == 0:
+        return "stop"
+    # Only a trial whose worker can be watched (heartbeats, or this host) can
+    # turn out dead; a journal's trial of another host is left to its worker.
+    watched = heartbeats_on(ctx.storage) or any(
+        owner_alive(t.user_attrs.get(OWNER_ATTR, "")) is not None
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+    return "wait" if watched else "stop"
 
 
 def _fail_if_running(study: optuna.Study, trial: optuna.Trial, reason: str) -> bool:
@@ -654,7 +645,7 @@ def _fail_if_running(study: optuna.Study, trial: optuna.Trial, reason: str) -> b
     try:
         if not any(t.number == trial.number for t in study.get_trials(deepcopy=False, states=(running,))):
             return True
-        _abandon(trial, "failed", reason)
+        abandon(trial, "failed", reason)
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         return not any(t.number == trial.number for t in study.get_trials(deepcopy=False, states=(running,)))
     except Exception:  # noqa: BLE001  (the storage still fails)
@@ -690,16 +681,18 @@ def _suggest(trial: optuna.Trial, knob) -> float:
 
 
 def run_study(config: StudyConfig, backend: Backend, n_trials: int,
-              observer: StudyObserver | None = None) -> StudyContext:
+              observer: StudyObserver | None = None, *, worker_id: int = 0,
+              until_complete: int | None = None) -> StudyContext:
     """Create or resume the study, make the reference runs, run ``n_trials``
     more trials, then confirm the best on ``config.confirm_workloads`` fresh
-    workloads."""
+    workloads. A worker of several: ``worker_id`` and ``until_complete``
+    (see ``run_trials``)."""
     observer = observer or StudyObserver()
     try:
-        ctx = prepare(config, backend)
+        ctx = prepare(config, backend, worker_id=worker_id)
         observer.on_start(ctx, n_trials)
         run_references(ctx, observer)
-        run_trials(ctx, n_trials, observer)
+        run_trials(ctx, n_trials, observer, until_complete=until_complete)
         confirm(ctx, config.confirm_workloads, observer)
         observer.on_end(ctx)
     except Exception as e:  # a disk or storage that fails: one line, not a traceback

@@ -73,6 +73,12 @@ def test_a_failed_trial_without_outcome_is_failed():
     assert (row.state, row.outcome, row.feasible) == ("FAIL", "failed", False)
 
 
+def test_a_failed_trial_that_measured_feasible_is_failed():
+    # stopped between storing its outcome and being marked COMPLETE
+    t = optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, user_attrs={"outcome": "feasible"})
+    assert (TrialRow.of(t).outcome, TrialRow.of(t).feasible) == ("failed", False)
+
+
 def test_best_is_the_highest_feasible_throughput(study):
     result = StudyResult.of(study)
     assert result.best.number == 0  # trial 1 is faster but infeasible

@@ -106,7 +106,8 @@ class GpuBackend(Backend):
     def __init__(self, runs_dir: Path = Path("autotune-runs"), use_mps: bool = True,
                  vllm_args: tuple[str, ...] = (), model_path: Path | None = None,
                  finetune_data: Path | None = None, trainer_warmup_steps: int = 5,
-                 server_startup_timeout_s: float = 900.0, gpus: int = 1, gpu_mem_gb: float | None = None) -> None:
+                 server_startup_timeout_s: float = 900.0, gpus: int = 1, gpu_mem_gb: float | None = None,
+                 server_port: int | None = None, mps_dir: Path | None = None) -> None:
         try:
             import aiohttp  # noqa: F401
             import vllm  # noqa: F401
@@ -128,6 +129,8 @@ class GpuBackend(Backend):
         self.root = Path(runs_dir) / "gpu" / time.strftime("%Y%m%d-%H%M%S")
         self.root.mkdir(parents=True, exist_ok=True)
         self.use_mps = use_mps
+        self.server_port = server_port  # None: a free port (``--workers``: each worker its own)
+        self.mps_dir = mps_dir  # the MPS daemon's pipe and log folders (None: one per process under /tmp)
         self.vllm_args = tuple(vllm_args)
         self.model_path = model_path
         self.warmup_steps = trainer_warmup_steps
@@ -202,7 +205,7 @@ class GpuBackend(Backend):
             from autotune.gpu.mps import MpsDaemon
 
             # Short paths: the daemon's pipe is a Unix socket (108-byte limit).
-            base = Path(f"/tmp/autotune-mps-{os.getpid()}")
+            base = self.mps_dir if self.mps_dir is not None else Path(f"/tmp/autotune-mps-{os.getpid()}")
             daemon = MpsDaemon(base / "pipe", self.root / "mps-log")
             daemon.start()
             self.procs.callback(daemon.stop)
@@ -244,6 +247,7 @@ class GpuBackend(Backend):
             gpu_memory_utilization=round(self._memory(spec).server_gpu_memory_utilization, 4), lora_modules=lora,
             max_lora_rank=rank, extra_args=self.vllm_args,
             env=tuple(sorted(self._mps.env().items())) if self._mps is not None else (),
+            port=self.server_port,
         )
         return self.keeper.ensure(config)
 
