@@ -5,6 +5,7 @@ The notebooks are committed without outputs."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import nbformat
@@ -20,11 +21,9 @@ FIGURES = {"pareto_fronts.ipynb": 3, "figures.ipynb": 3}
 
 
 @pytest.fixture(scope="module")
-def figure_dir(tmp_path_factory) -> Path:
-    """fig10 (two pareto studies) and fig12 (one sweep) in one folder, small."""
-    out = tmp_path_factory.mktemp("figures")
-    ok(invoke("figure", "fig10", "--systems", "llmstation,chunked", "--trials", 6, "--num-prompts", 15,
-              "--out", out, "--workers", 1))
+def figure_dir(fig10_small, tmp_path_factory) -> Path:
+    """fig10 (two pareto studies, 4 trials each) and fig12 (one sweep) in one folder, small."""
+    out = shutil.copytree(fig10_small[0], tmp_path_factory.mktemp("figures") / "out")
     ok(invoke("figure", "fig12", "--tasklets", "1,8,33", "--out", out))
     return out
 
@@ -61,7 +60,7 @@ def test_pareto_fronts_draws_a_stored_pareto_study(figure_dir, tmp_path, monkeyp
     nb = _run("pareto_fronts.ipynb", tmp_path)
     assert _pngs(nb) == FIGURES["pareto_fronts.ipynb"]
     text = _text(nb)
-    assert "study llmstation-fig10-0.88rps-pareto-sim: 6 trials" in text
+    assert "study llmstation-fig10-0.88rps-pareto-sim: 4 trials" in text
     assert "Pareto-optimal feasible trials" in text and "Pareto" in text.split("forward_tasklets")[-1]
 
 
@@ -70,7 +69,7 @@ def test_figures_redraws_a_figure_folder(figure_dir, tmp_path, monkeypatch):
     nb = _run("figures.ipynb", tmp_path)
     assert _pngs(nb) == FIGURES["figures.ipynb"]
     text = _text(nb)
-    assert "fig10: 2 studies, 12 trials" in text and "fig12: 1 studies, 3 trials" in text
+    assert "fig10: 2 studies, 8 trials" in text and "fig12: 1 studies, 3 trials" in text
     assert "trade-off curves" in text and "65 (33+32)" in text  # each figure's numbers, as the command prints
 
 

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
-
-import pytest
+import shutil
 
 from autotune.results import load_study_file
 
@@ -15,16 +14,8 @@ from tests.figure.test_run import _trial_counts
 from tests.test_cli import invoke, ok
 
 
-@pytest.fixture(scope="module")
-def fig10(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fig10")
-    result = ok(invoke("figure", "fig10", "--systems", "llmstation,chunked", "--trials", 4, "--num-prompts", 15,
-                       "--out", out, "--workers", 1))
-    return out, result.stdout
-
-
-def test_fig10_makes_pareto_studies_and_draws_every_trial(fig10):
-    out, text = fig10
+def test_fig10_makes_pareto_studies_and_draws_every_trial(fig10_small):
+    out, text = fig10_small
     names = {"llmstation-fig10-0.88rps-pareto-sim", "chunked-fig10-0.88rps-pareto-sim"}
     assert _trial_counts(out) == dict.fromkeys(names, 4)
     rows = list(csv.DictReader((out / "fig10.csv").open()))
@@ -47,12 +38,13 @@ def test_fig10_makes_pareto_studies_and_draws_every_trial(fig10):
     assert "trade-off curves" in text and "Pareto-optimal feasible trials" in text
 
 
-def test_fig10_resumed_adds_no_trial(fig10):
-    out, text = fig10
-    before = _trial_counts(out)
+def test_fig10_resumed_adds_no_trial(fig10_small, tmp_path):
+    out, text = fig10_small
+    copy = shutil.copytree(out, tmp_path / "again")
     ok(invoke("figure", "fig10", "--systems", "llmstation,chunked", "--trials", 4, "--num-prompts", 15,
-              "--out", out, "--workers", 1))
-    assert _trial_counts(out) == before
+              "--out", copy, "--workers", 1))
+    assert _trial_counts(copy) == _trial_counts(out)
+    assert (copy / "fig10.csv").read_text() == (out / "fig10.csv").read_text()
     assert "(0.88 req/s: fig10's preset for 2x-rtx3090), 4 trials each (objective pareto)" in text.splitlines()[0]
 
 
