@@ -215,9 +215,10 @@ def _draw_tradeoff(fig: Any, data: FigureData) -> None:
             colour, marker, name = system_style(system, i)
             pts = [p for p in data.points if p.system == system and getattr(p, metric) is not None]
             curve = sorted((p for p in pts if on(p)), key=lambda p: p.peft_samples_per_s)
+            top = 4 + (len(data.systems) - i) / 10  # the first system's curve (LLMStation's) on top
             ax.plot([p.peft_samples_per_s for p in curve], [getattr(p, metric) for p in curve], color=colour,
-                    linewidth=2.0, drawstyle="steps-post", zorder=4, label=name, marker=marker, markersize=0)
-            for sel, size, alpha, z in ((pts, 18, 0.35, 3), (curve, 48, 1.0, 5)):
+                    linewidth=2.0, drawstyle="steps-post", zorder=top, label=name)
+            for sel, size, alpha, z in ((pts, 18, 0.35, 3), (curve, 48, 1.0, top + 0.05)):
                 for feasible in (True, False):
                     chosen = [p for p in sel if (p.outcome == "feasible") == feasible]
                     ax.scatter([p.peft_samples_per_s for p in chosen], [getattr(p, metric) for p in chosen], s=size,
