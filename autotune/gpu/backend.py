@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -165,6 +166,7 @@ class GpuBackend(Backend):
             "vllm": vllm.__version__,
             "torch": torch.__version__,
             "cuda": torch.version.cuda,
+            "cpu": cpu_model(),  # the trainer is launch-bound and the API server CPU-bound: the host matters
             "mps": self.use_mps,
             "vllm_args": list(self.vllm_args),
             "server_flags": self.server_flags(),
@@ -346,6 +348,7 @@ class GpuBackend(Backend):
                 from autotune.gpu.loadgen import replay_sync
 
                 progress(0.0, f"replaying {len(spec.workload)} requests")
+                server.save_metrics(trial_dir / "server-metrics-before.prom")
                 replayed = replay_sync(
                     server.url, spec.workload, model_name=spec.model.name, vocab_size=spec.model.vocab_size,
                     seed=prompt_seed(spec), channel=channel, policy=spec.policy if spec.trains else None,
@@ -353,6 +356,7 @@ class GpuBackend(Backend):
                     prompt_as_text=server.config.has_tokenizer,
                 )
                 start_s, end_s = replayed.window_start_s, replayed.window_end_s
+                server.save_metrics(trial_dir / "server-metrics-after.prom")
                 phases["phase_replay_s"] = end_s - start_s
                 # after the last arrival, until the last request finished
                 phases["phase_drain_s"] = end_s - (start_s + spec.workload.requests[-1].arrival_s)
@@ -427,6 +431,17 @@ def prompt_seed(spec: TrialSpec, *, warm_up: bool = False) -> int:
     name = ["warm-up" if warm_up else "run", spec.kind.value, spec.seed, spec.number, spec.label]
     digest = hashlib.sha256(json.dumps(name).encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1
+
+
+def cpu_model() -> str:
+    """The host CPU's model name (Linux), or what the platform says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def _warm_up(server, spec: TrialSpec) -> None:

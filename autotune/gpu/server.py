@@ -161,6 +161,20 @@ class VllmServer:
     def url(self) -> str:
         return f"http://{self.config.host}:{self.port}"
 
+    def save_metrics(self, path: Path, timeout_s: float = 5.0) -> bool:
+        """vLLM's own Prometheus counters and histograms (queue time, prefill,
+        TTFT as the engine sees it) into ``path``; a snapshot before and one
+        after a trial tell the engine's share of the client's latency from
+        the API server's. A diagnostic: False, and nothing written, if the
+        server does not answer."""
+        try:
+            with urllib.request.urlopen(f"{self.url}/metrics", timeout=timeout_s) as resp:
+                body = resp.read()
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+        path.write_bytes(body)
+        return True
+
     def start(self) -> None:
         """Start and wait until healthy; a TrialCrash (and nothing left running) if not."""
         if self.port is None:

@@ -3,6 +3,12 @@
     python -m benchmarks.fidelity.score --gpu OUT.json --profile h100-80gb \
         --slo-ttft-ratio 1.25 --slo-tpot-ratio 1.1 \
         --out benchmarks/results/fidelity/HARDWARE.json --md benchmarks/results/fidelity/HARDWARE.md
+    python -m benchmarks.fidelity.score --gpu A.json --profile PA --gpu B.json --profile PB ...
+
+Several rows files (sittings on the same kind of GPU, possibly on hosts of
+different speed) score as one table, each against its own profile: the
+profile calibrated in that sitting (one ``--profile`` for all, or one per
+``--gpu``, in order). Knob directions compare settings of the same file only.
 
 For each GPU row: the SLO in ms (ratio x the GPU serving-alone reference's
 P99 for the row's system, figure, rate and workload, or ``--slo-ttft-ms`` /
@@ -16,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +57,11 @@ NA_NOTE = ("Error = sim / gpu - 1. Where the GPU value is 0 or missing (crashed 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.fidelity.score", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--gpu", type=Path, required=True, help="rows file written by benchmarks/gpu/fidelity.py")
-    ap.add_argument("--profile", default=None, help="simulator profile: packaged name or .toml path "
-                                                    "(default: the simulator's)")
+    ap.add_argument("--gpu", type=Path, action="append", required=True,
+                    help="rows file written by benchmarks/gpu/fidelity.py (repeat for several sittings)")
+    ap.add_argument("--profile", action="append", default=None,
+                    help="simulator profile: packaged name or .toml path (default: the simulator's); "
+                         "one for every --gpu, or one each, in order")
     ap.add_argument("--gpus", type=int, default=None, help="GPUs the simulator models (if it takes the option)")
     ap.add_argument("--slo-ttft-ratio", type=float, default=1.25)
     ap.add_argument("--slo-tpot-ratio", type=float, default=1.1)
@@ -155,30 +163,50 @@ def score_row(row: Mapping[str, Any], rows: RowsFile, held_out: bool, args: argp
     }
 
 
-def score(rows: RowsFile, args: argparse.Namespace) -> dict[str, Any]:
-    held = {}
-    for d in rows.settings:
-        s = Setting.from_dict(d, "rows file setting")
-        held[s.key] = s.held_out
-    sim = make_sim(args.profile, args.gpus)
-    out_rows, not_run = [], []
-    sim_references: dict[str, dict[str, Any]] = {}
-    for row in rows.rows:
-        setting = row_setting(row)
-        if not row["runs"]:
-            not_run.append(setting.describe())
-            continue
-        held_out = True if args.held_out_all else held.get(setting.key, True)
-        out_rows.append(score_row(row, rows, held_out, args, sim, sim_references))
+def sittings(args: argparse.Namespace) -> list[tuple[Path, str | None]]:
+    """Each rows file with the profile it is scored against."""
+    profiles = args.profile or [None]
+    if len(profiles) == 1:
+        profiles = profiles * len(args.gpu)
+    if len(profiles) != len(args.gpu):
+        raise UserError(f"{len(args.gpu)} --gpu files and {len(profiles)} --profile: give one profile, or one each")
+    return list(zip(args.gpu, profiles))
+
+
+def score(files: Sequence[tuple[Path, RowsFile, str | None]], args: argparse.Namespace) -> dict[str, Any]:
+    hardware = {rows.hardware for _, rows, _ in files}
+    if len(hardware) != 1:
+        raise UserError(f"the rows files were measured on different hardware: {', '.join(sorted(hardware))}")
+    out_rows, not_run, moves, sims, gpu_rows = [], [], [], [], []
+    for path, rows, profile in files:
+        held = {}
+        for d in rows.settings:
+            s = Setting.from_dict(d, "rows file setting")
+            held[s.key] = s.held_out
+        sim = make_sim(profile, args.gpus)
+        sims.append(sim.describe())
+        file_rows = []
+        sim_references: dict[str, dict[str, Any]] = {}
+        for row in rows.rows:
+            setting = row_setting(row)
+            if not row["runs"]:
+                not_run.append(f"{setting.describe()} ({path.name})")
+                continue
+            held_out = True if args.held_out_all else held.get(setting.key, True)
+            scored = score_row(row, rows, held_out, args, sim, sim_references)
+            file_rows.append({**scored, "gpu_file": path.name, "profile": sims[-1].get("profile")})
+        order = {r["system"]: [k.name for k in get_system(r["system"]).knobs] for r in file_rows}
+        moves += knob_moves([{**r, "gpu_spread": r["gpu"]["spread"]} for r in file_rows], order)
+        out_rows += file_rows
+        gpu_rows.append({"file": path.name, "profile": sims[-1].get("profile"), "machine": rows.machine,
+                         "started": rows.started, "command": rows.command})
     held_rows = [r for r in out_rows if r["held_out"]]
-    order = {r["system"]: [k.name for k in get_system(r["system"]).knobs] for r in out_rows}
-    moves = knob_moves([{**r, "gpu_spread": r["gpu"]["spread"]} for r in out_rows], order)
+    names = list(dict.fromkeys(d.get("profile") for d in sims))
     return {
-        "hardware": rows.hardware,
-        "profile": sim.describe().get("profile"),
-        "simulator": {k: v for k, v in sim.describe().items() if k not in ("provenance",)},
-        "gpu_rows": {"file": args.gpu.name, "machine": rows.machine, "started": rows.started,
-                     "command": rows.command},
+        "hardware": hardware.pop(),
+        "profile": names[0] if len(names) == 1 else names,
+        "simulator": [{k: v for k, v in d.items() if k not in ("provenance",)} for d in sims],
+        "gpu_rows": gpu_rows,  # one per rows file (sitting)
         "slo": {"ttft_ratio": args.slo_ttft_ratio, "tpot_ratio": args.slo_tpot_ratio,
                 "ttft_p99_ms": args.slo_ttft_ms, "tpot_p99_ms": args.slo_tpot_ms},
         "rows": out_rows,
@@ -235,19 +263,21 @@ def markdown(result: Mapping[str, Any]) -> str:
                 else f"P99 TTFT <= {slo['ttft_ratio']:g}x") + ", " + (
         f"P99 TPOT {slo['tpot_p99_ms']:g} ms" if slo["tpot_p99_ms"] is not None
         else f"P99 TPOT <= {slo['tpot_ratio']:g}x")
-    lines = [
-        f"# Simulator vs GPU: {result['hardware']}",
-        "",
-        f"Simulator profile `{result['profile']}` against the GPU rows `{result['gpu_rows']['file']}` "
-        f"(measured {result['gpu_rows']['started']} on {result['gpu_rows']['machine']}).",
+    sittings_ = result["gpu_rows"]
+    several = len(sittings_) > 1
+    lines = [f"# Simulator vs GPU: {result['hardware']}", ""]
+    lines += [f"Simulator profile `{g['profile']}` against the GPU rows `{g['file']}` "
+              f"(measured {g['started']} on {g['machine']})." for g in sittings_]
+    lines += [
         f"SLO per row: {slo_text} (ratios: of the GPU serving-alone reference's P99 for the row's system, figure, "
         "rate and workload). GPU figures: median of the runs [min..max]; the simulator runs the same trial spec. "
         "Verdict: both P99s within the SLO and no request failed, GPU (median) / sim.",
         NA_NOTE,
         "",
-        "| system | figure | rate req/s | knobs | held out | SLO TTFT / TPOT ms | GPU P99 TTFT ms | sim | error "
+        ("| rows file (profile) " if several else "")
+        + "| system | figure | rate req/s | knobs | held out | SLO TTFT / TPOT ms | GPU P99 TTFT ms | sim | error "
         "| GPU P99 TPOT ms | sim | error | GPU PEFT samples/s | sim | error | verdict GPU / sim |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ("|---" if several else "") + "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         cells = [r["system"], r["figure"], f"{r['rate_req_s']:g}", _params(r["params"]),
@@ -260,6 +290,8 @@ def markdown(result: Mapping[str, Any]) -> str:
             cells[3] += f" ({r['gpu']['crashed_runs']} GPU run(s) crashed)"
         if r["sim"]["error"]:
             cells[3] += f" (sim: {r['sim']['error']})"
+        if several:
+            cells.insert(0, f"{r['gpu_file']} (`{r['profile']}`)")
         lines.append("| " + " | ".join(cells) + " |")
     if s["not_run"]:
         lines += ["", f"Not run on the GPU yet (left out): {'; '.join(s['not_run'])}."]
@@ -335,9 +367,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {v:g}")
         if args.gpus is not None and args.gpus < 1:
             raise UserError(f"--gpus must be at least 1, got {args.gpus}")
-        rows = RowsFile.load(args.gpu)
-        result = score(rows, args)
-        out = args.out or Path("benchmarks/results/fidelity") / f"{rows.hardware}.json"
+        files = [(path, RowsFile.load(path), profile) for path, profile in sittings(args)]
+        result = score(files, args)
+        out = args.out or Path("benchmarks/results/fidelity") / f"{result['hardware']}.json"
         md = args.md or out.with_suffix(".md")
         try:
             write_json_atomic(out, result)

@@ -136,7 +136,7 @@ def _metric_line(result: TrialResult) -> str:
 def _machine(backend) -> str:
     d = backend.describe()
     return (f"{d.get('gpu')} ({d.get('gpu_memory_mib')} MiB) x{d.get('gpus')}, vLLM {d.get('vllm')}, "
-            f"torch {d.get('torch')}, MPS {'on' if d.get('mps') else 'off'}, {os.cpu_count()} CPUs")
+            f"torch {d.get('torch')}, MPS {'on' if d.get('mps') else 'off'}, {os.cpu_count()} CPUs ({d.get('cpu')})")
 
 
 def run(args: argparse.Namespace) -> int:

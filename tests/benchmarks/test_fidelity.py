@@ -541,11 +541,34 @@ def test_scorer_na_and_held_out_all(tmp_path):
     assert out.with_suffix(".md").exists()
     one_gpu = tmp_path / "g.json"
     assert score.main(["--gpu", str(gpu), "--profile", "h100-80gb", "--gpus", "1", "--out", str(one_gpu)]) == 0
-    assert json.loads(one_gpu.read_text())["simulator"]["gpus"] == 1
+    assert json.loads(one_gpu.read_text())["simulator"][0]["gpus"] == 1
     absolute = tmp_path / "a.json"
     assert score.main(["--gpu", str(gpu), "--slo-ttft-ms", "1000", "--slo-tpot-ms", "100", "--out",
                        str(absolute)]) == 0
     assert json.loads(absolute.read_text())["rows"][0]["verdict"]["gpu"] is True
+
+
+def test_scorer_takes_several_sittings_each_with_its_profile(tmp_path, capsys):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    fake_gpu_rows(a)
+    fake_gpu_rows(b)
+    out = tmp_path / "both.json"
+    assert score.main(["--gpu", str(a), "--profile", "h100-80gb", "--gpu", str(b), "--profile", "h200",
+                       "--gpus", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["profile"] == ["h100-80gb", "h200"]
+    assert [(r["gpu_file"], r["profile"]) for r in result["rows"]] == [
+        ("a.json", "h100-80gb"), ("a.json", "h100-80gb"), ("b.json", "h200"), ("b.json", "h200")]
+    assert [g["file"] for g in result["gpu_rows"]] == ["a.json", "b.json"]
+    assert result["summary"]["all"]["settings"] == 4
+    # the same rows on two profiles: the simulator differs, the GPU does not
+    first, second = result["rows"][0], result["rows"][2]
+    assert first["gpu"] == second["gpu"] and first["sim"] != second["sim"]
+    assert len(result["knob_moves"]) == 2  # one per file: settings of different sittings are not compared
+    assert "| a.json (`h100-80gb`) |" in out.with_suffix(".md").read_text()
+    assert score.main(["--gpu", str(a), "--gpu", str(b), "--profile", "h200", "--profile", "h200",
+                       "--profile", "h200", "--out", str(out)]) == 2
+    assert "3 --profile" in capsys.readouterr().err
 
 
 def test_scorer_bad_input_exits_2(tmp_path, capsys):

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 import types
 from dataclasses import replace
 
@@ -105,6 +106,10 @@ class _FakeServer:
     def is_alive(self) -> bool:
         return True
 
+    def save_metrics(self, path: Path) -> bool:
+        path.write_text("metrics\n")
+        return True
+
 
 def _cpu_backend(tmp_path, vllm_args: tuple[str, ...] = ()) -> GpuBackend:
     """A GpuBackend without its GPU checks: no MPS, a fresh server at every trial."""
@@ -141,6 +146,8 @@ def test_trials_references_and_warm_ups_send_prompt_seed(tmp_path, monkeypatch):
         assert not result.crashed, result.error
     assert sent == [("warm-up", prompt_seed(reference, warm_up=True)), ("five requests", prompt_seed(reference)),
                     ("warm-up", prompt_seed(trial_0, warm_up=True)), ("five requests", prompt_seed(trial_0))]
+    snapshots = [sorted(p.name for p in d.glob("server-metrics-*.prom")) for d in tmp_path.iterdir() if d.is_dir()]
+    assert snapshots == [["server-metrics-after.prom", "server-metrics-before.prom"]] * 2  # around each measurement
 
 
 def test_describe_records_the_server_flags_and_prefix_caching(tmp_path, monkeypatch):
@@ -152,6 +159,7 @@ def test_describe_records_the_server_flags_and_prefix_caching(tmp_path, monkeypa
     backend = _cpu_backend(tmp_path)
     before = backend.describe()
     assert before["server_flags"] is None and before["prefix_caching"] is False
+    assert before["cpu"] and before["cpu"] != "unknown"  # the host: launch-bound trainer, CPU-bound API server
     assert _cpu_backend(tmp_path, ("--enable-prefix-caching",)).describe()["prefix_caching"] is True
     config = replace(_FakeServer.config, extra_args=("--enable-prefix-caching",), port=8123)
     backend.keeper.last_started = config  # a server ran, then was stopped: still recorded

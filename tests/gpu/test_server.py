@@ -168,8 +168,11 @@ _FAKE_VLLM = textwrap.dedent("""
     open(sys.argv[2], "w").write(str(g.pid))
     class H(BaseHTTPRequestHandler):
         def do_GET(self):
-            body = b"" if self.path == "/health" else json.dumps(
-                {"data": [{"id": "llama-3.1-8b"}, {"id": "adapter-0"}]}).encode()
+            if self.path == "/metrics":
+                body = b"vllm:request_queue_time_seconds_count 3.0\\n"
+            else:
+                body = b"" if self.path == "/health" else json.dumps(
+                    {"data": [{"id": "llama-3.1-8b"}, {"id": "adapter-0"}]}).encode()
             self.send_response(200)
             self.end_headers()
             self.wfile.write(body)
@@ -196,8 +199,12 @@ def test_start_health_check_and_stop_kill_the_group(tmp_path):
         grandchild = int((tmp_path / "g.pid").read_text())
         assert server.url == f"http://127.0.0.1:{port}"
         assert server.is_alive() and server.healthy() and server.startup_s is not None
+        assert server.save_metrics(tmp_path / "m.prom")
+        assert (tmp_path / "m.prom").read_text() == "vllm:request_queue_time_seconds_count 3.0\n"
         leader = server.proc.pid
         server.stop()
+        assert not server.save_metrics(tmp_path / "gone.prom", timeout_s=1.0)  # a diagnostic: no answer, no file
+        assert not (tmp_path / "gone.prom").exists()
         assert not server.is_alive()
         assert not is_alive(leader) and not is_alive(grandchild)
         assert procs.running == []
