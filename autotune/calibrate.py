@@ -19,10 +19,11 @@ GEMM and each side's slowdown beside the other, and the cost of a pause.
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime, timezone
 
 from autotune.errors import UserError
@@ -101,20 +102,66 @@ def measurement_specs(model: ModelConfig, rates_req_s: Sequence[float] = DEFAULT
     return out
 
 
-def targets_of(measured: Sequence[tuple[Measurement, TrialResult]]) -> list[Target]:
+@dataclass(frozen=True)
+class Measured:
+    measurement: Measurement
+    values: Mapping[str, float]  # the measurement's metrics, as the GPU gave them
+    error: str | None = None  # why the run crashed (then values is empty)
+
+
+def targets_of(measured: Sequence[Measured]) -> list[Target]:
     """The fit's targets: every measured number of every run that did not crash."""
     out = []
-    for m, result in measured:
-        if result.crashed:
+    for got in measured:
+        m = got.measurement
+        if got.error is not None:
             continue
-        values = result.metrics()
-        out += [Target(m.name, m.spec, k, values[k], w) for k, w in zip(m.metrics, m.weights) if values.get(k)]
+        out += [Target(m.name, m.spec, k, got.values[k], w) for k, w in zip(m.metrics, m.weights) if got.values.get(k)]
     return out
 
 
+#: Each measured number fits the part of the model it reflects, in this order: the engine's
+#: per-iteration costs from P50 TPOT, then the API server's delay from P50 TTFT (over the
+#: engine's prefill and queueing just fitted), then the trainer's host and GPU time. A joint fit
+#: lets TTFT's growth with load, which the simulator's constant API-server delay cannot follow,
+#: bend the engine's costs (seen on the H200: P50 TPOT off by +-10% at both rates).
+FIT_STAGES = (
+    (("tpot_p50_ms",), ("iteration overhead", "per-request overhead")),
+    (("ttft_p50_ms",), ("frontend delay",)),
+    (("peft_samples_per_s",), ("trainer host time scale", "trainer GPU time factor")),
+)
+
+
 def fit_measured(base: Profile, targets: Sequence[Target], sweeps: int = 5) -> Fit:
-    """The numbers of ``FIT_PARAMS`` in ``base`` fitted to ``targets`` on the simulator."""
-    return fit(base, targets, FIT_PARAMS, lambda profile, spec: SimBackend(profile).run_trial(spec), sweeps=sweeps)
+    """The numbers of ``FIT_PARAMS`` in ``base`` fitted to ``targets`` on the
+    simulator, stage by stage (``FIT_STAGES``); stages with no target are skipped."""
+    params = {p.name: p for p in FIT_PARAMS}
+    profile, values, fields = base, {}, {}
+    for metrics, names in FIT_STAGES:
+        stage_targets = [t for t in targets if t.metric in metrics]
+        if not stage_targets:
+            continue
+        stage = fit(profile, stage_targets, [params[n] for n in names], _run, sweeps=sweeps)
+        profile = stage.profile
+        values.update(stage.values)
+        fields.update(stage.fields)
+    residuals = _residuals(profile, targets)
+    loss = sum(t.weight * math.log(max(1e-9, 1.0 + residuals[f"{t.name}: {t.metric}"])) ** 2 for t in targets)
+    return Fit(profile, values, fields, loss, residuals, tuple(t.name for t in targets))
+
+
+def _run(profile: Profile, spec: TrialSpec) -> TrialResult:
+    return SimBackend(profile).run_trial(spec)
+
+
+def _residuals(profile: Profile, targets: Sequence[Target]) -> dict[str, float]:
+    results: dict[int, TrialResult] = {}
+    out = {}
+    for t in targets:
+        if id(t.spec) not in results:
+            results[id(t.spec)] = _run(profile, t.spec)
+        out[f"{t.name}: {t.metric}"] = results[id(t.spec)].metrics().get(t.metric, 0.0) / t.value - 1.0
+    return out
 
 
 def gpu_driver() -> str:
@@ -127,8 +174,8 @@ def gpu_driver() -> str:
     return out.strip().splitlines()[0] if out.strip() else "unknown"
 
 
-def profile_toml(name: str, base: Profile, result: Fit, machine: dict[str, object],
-                 measured: Sequence[tuple[Measurement, TrialResult]], command: str) -> str:
+def profile_toml(name: str, base: Profile, result: Fit, machine: Mapping[str, object],
+                 measured: Sequence[Measured], command: str) -> str:
     """A profile file: the base's datasheet (with the GPU count), its own
     measured numbers, the fitted ones, and the rest carried over."""
     carries = base.carries or base.name
@@ -142,9 +189,9 @@ def profile_toml(name: str, base: Profile, result: Fit, machine: dict[str, objec
     for t in targets_of(measured):
         rel = result.residuals.get(f"{t.name}: {t.metric}")
         lines.append(f"#   {t.name}: {t.metric} {t.value:.4g}" + (f" ({rel:+.1%})" if rel is not None else ""))
-    for m, r in measured:
-        if r.crashed:
-            lines.append(f"#   {m.name}: crashed ({r.error}); not used")
+    for got in measured:
+        if got.error is not None:
+            lines.append(f"#   {got.measurement.name}: crashed ({got.error}); not used")
     lines += [
         "# Datasheet numbers are the base profile's; unmeasured numbers are carried over from it.",
         "",
@@ -186,14 +233,52 @@ Progress = Callable[[str], None]
 
 
 def measure(run_trial: Callable[[TrialSpec], TrialResult], measurements: Sequence[Measurement],
-            progress: Progress = print) -> list[tuple[Measurement, TrialResult]]:
+            progress: Progress = print) -> list[Measured]:
     """Run every measurement; a crashed one is kept with its reason."""
     out = []
     for i, m in enumerate(measurements, 1):
         progress(f"[{i}/{len(measurements)}] {m.name} ...")
         result = run_trial(m.spec)
-        values = result.metrics()
-        got = ", ".join(f"{k} {values[k]:.4g}" for k in m.metrics if k in values)
+        metrics = result.metrics()
+        values = {k: metrics[k] for k in m.metrics if k in metrics} if not result.crashed else {}
+        got = ", ".join(f"{k} {v:.4g}" for k, v in values.items())
         progress(f"[{i}/{len(measurements)}] {m.name}: " + (f"crashed: {result.error}" if result.crashed else got))
-        out.append((m, result))
+        out.append(Measured(m, values, result.error if result.crashed else None))
     return out
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a calibration measures: enough to rebuild its trial specs."""
+    model: str  # preset name or folder
+    rates_req_s: tuple[float, ...]
+    trial_seconds: float
+    mps_thread_pcts: tuple[int, ...]
+
+    def specs(self, model: ModelConfig) -> list[Measurement]:
+        return measurement_specs(model, self.rates_req_s, self.trial_seconds, self.mps_thread_pcts)
+
+
+def measurements_json(plan: Plan, machine: Mapping[str, object], base: str, measured: Sequence[Measured]) -> str:
+    """The raw measurements of a calibration, for ``--refit`` without the GPU."""
+    return json.dumps({
+        "version": 1, "machine": dict(machine), "base": base, "plan": asdict(plan),
+        "measured": [{"name": m.measurement.name, "values": dict(m.values), "error": m.error} for m in measured],
+    }, indent=1) + "\n"
+
+
+def load_measurements(text: str, where: str) -> tuple[Plan, dict[str, object], str, list[Measured]]:
+    """(plan, machine, base profile, measured) from ``measurements_json``'s text; UserError if malformed."""
+    from autotune.models import resolve_model
+
+    try:
+        data = json.loads(text)
+        p = data["plan"]
+        plan = Plan(str(p["model"]), tuple(float(r) for r in p["rates_req_s"]), float(p["trial_seconds"]),
+                    tuple(int(x) for x in p["mps_thread_pcts"]))
+        by_name = {m.name: m for m in plan.specs(resolve_model(plan.model))}
+        measured = [Measured(by_name[d["name"]], {k: float(v) for k, v in d["values"].items()}, d.get("error"))
+                    for d in data["measured"]]
+        return plan, dict(data["machine"]), str(data["base"]), measured
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{where}: not a calibration's measurements file ({type(e).__name__}: {e})") from None

@@ -247,7 +247,10 @@ def _run(config, backend_name: str, options: dict, trials: int, json_path: Path 
 
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the table and the lines say it all
+    # The table and the lines say it all: a failed trial's reason is stored on
+    # it and shown, and Optuna's own warning about it (with the interrupt's
+    # traceback) would be drawn over the live table.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     console = Console()
     live = not plain and console.is_terminal
     observer = LiveReporter(console) if live else PlainReporter()
@@ -438,7 +441,8 @@ def show(
 
 @app.command()
 def calibrate(
-    out: Annotated[Path, typer.Option(help="profile TOML to write (must not exist)")],
+    out: Annotated[Path, typer.Option(help="profile TOML to write (must not exist); the raw measurements go "
+                                      "beside it, OUT's stem + .measurements.json")],
     gpus: Annotated[int, typer.Option(min=1, help="GPUs: tensor parallel serving, one trainer rank each")] = 1,
     model: Annotated[str, typer.Option(help="model preset or local folder")] = "llama-3.1-8b",
     base: Annotated[Optional[str], typer.Option(help="profile giving the datasheet and the unmeasured numbers "
@@ -449,38 +453,78 @@ def calibrate(
                                                  "(comma-separated; \"\" for none)")] = "10,40",
     name: Annotated[Optional[str], typer.Option(help="the profile's name (default: the file's stem)")] = None,
     runs_dir: Annotated[Path, typer.Option(help="logs of the runs")] = Path("autotune-runs"),
+    refit: Annotated[Optional[Path], typer.Option(help="no GPU: fit again from a calibration's "
+                                                  ".measurements.json (its plan, machine and base come from it)")] = None,
 ) -> None:
     """Measure this GPU (vLLM alone at a few rates, the trainer alone with every thread and capped by MPS)
     and write a simulator profile whose host-side numbers and trainer GPU time are fitted to it."""
-    from autotune.backends import make_backend
     from autotune.calibrate import (
+        Plan,
         fit_measured,
-        gpu_driver,
-        measure,
-        measurement_specs,
+        load_measurements,
+        measurements_json,
         parse_thread_pcts,
         profile_toml,
         targets_of,
     )
     from autotune.figure import parse_rates
-    from autotune.sim.profile import load_profile, packaged_profiles
-    from autotune.models import resolve_model
-    from autotune.study import check_runs_dir
+    from autotune.sim.profile import load_profile
 
-    if out.exists():
-        raise UserError(f"--out {out} exists; calibrate never overwrites a profile")
+    raw = out.with_name(out.stem + ".measurements.json")
+    for path in (out, raw) if refit is None else (out,):  # a refit measures nothing
+        if path.exists():
+            raise UserError(f"{path} exists; calibrate never overwrites a profile or its measurements")
     if not out.parent.is_dir():
         raise UserError(f"--out {out}: folder {out.parent} does not exist")
     if not os.access(out.parent, os.W_OK | os.X_OK):
         raise EnvironmentFailure(f"--out {out}: folder {out.parent} is not writable")
+    if refit is not None:
+        given = [flag for flag, value, default in (
+            ("--gpus", gpus, 1), ("--model", model, "llama-3.1-8b"), ("--rates", rates, "4,24"),
+            ("--trial-seconds", trial_seconds, 20.0), ("--mps-thread-pcts", mps_thread_pcts, "10,40"),
+            ("--runs-dir", runs_dir, Path("autotune-runs"))) if value != default]
+        if given:
+            raise UserError(f"--refit takes the plan from {refit}; leave out {', '.join(given)}")
+        try:
+            text = refit.read_text(encoding="utf-8")
+        except OSError as e:
+            raise UserError(f"--refit {refit}: {e.strerror or e}") from None
+        plan, machine, measured_base, measured = load_measurements(text, str(refit))
+        base_profile = load_profile(base or measured_base).with_gpus(int(machine.get("gpus", 1)))
+        command = f"autotune calibrate --refit {refit.name}"
+    else:
+        plan = Plan(model, parse_rates(rates), trial_seconds, parse_thread_pcts(mps_thread_pcts))
+        if not trial_seconds > 0:
+            raise UserError(f"--trial-seconds must be positive, got {trial_seconds:g}")
+        base_profile, machine, measured = _calibrate_on_gpu(plan, gpus, base, runs_dir)
+        _write_new(raw, measurements_json(plan, machine, base_profile.name, measured))
+        print(f"measurements written to {raw}")
+        command = " ".join(["autotune calibrate", *sys.argv[2:]]) if sys.argv[1:2] == ["calibrate"] else "autotune calibrate"
+    targets = targets_of(measured)
+    if not targets:
+        raise UserError("every calibration run crashed; see the logs under --runs-dir")
+    print(f"fitting {len(targets)} measured numbers ...")
+    result = fit_measured(base_profile, targets)
+    _write_new(out, profile_toml(name or out.stem, base_profile, result, machine, measured, command))
+    for key, value in result.fields.items():
+        print(f"  {key} = {value:.4g}")
+    for key, rel in result.residuals.items():
+        print(f"  {key}: simulated {rel:+.1%}")
+    print(f"profile written to {out}; use it with --profile {out}")
+
+
+def _calibrate_on_gpu(plan, gpus: int, base: str | None, runs_dir: Path):
+    """(base profile, machine, measured): the plan's measurements through the GPU backend."""
+    from autotune.backends import make_backend
+    from autotune.calibrate import gpu_driver, measure
+    from autotune.models import resolve_model
+    from autotune.sim.profile import load_profile, packaged_profiles
+    from autotune.study import check_runs_dir
+
     check_runs_dir(runs_dir)
-    rates_req_s = parse_rates(rates)
-    thread_pcts = parse_thread_pcts(mps_thread_pcts)
-    if not trial_seconds > 0:
-        raise UserError(f"--trial-seconds must be positive, got {trial_seconds:g}")
-    model_config = resolve_model(model)
+    model_config = resolve_model(plan.model)
     with make_backend("gpu", runs_dir=runs_dir, gpus=gpus,
-                      model_path=Path(model) if Path(model).is_dir() else None) as backend:
+                      model_path=Path(plan.model) if Path(plan.model).is_dir() else None) as backend:
         if base is None:
             hw = backend.hardware
             base = next((p for p in (f"{hw}-datasheet", hw) if p in packaged_profiles()), None)
@@ -488,26 +532,20 @@ def calibrate(
                 raise UserError(f"no packaged profile for {hw}; give --base FILE with its [datasheet]")
         base_profile = load_profile(base).with_gpus(gpus)
         print(f"calibrating {backend.hardware} on {model_config.name}; base profile {base}")
-        measured = measure(backend.run_trial, measurement_specs(model_config, rates_req_s, trial_seconds,
-                                                                thread_pcts))
+        measured = measure(backend.run_trial, plan.specs(model_config))
         info = backend.describe()
-    targets = targets_of(measured)
-    if not targets:
-        raise UserError("every calibration run crashed; see the logs under --runs-dir")
-    print(f"fitting {len(targets)} measured numbers ...")
-    result = fit_measured(base_profile, targets)
     machine = {"gpu": info.get("gpu"), "gpus": gpus, "memory_mib": info.get("gpu_memory_mib"),
-               "driver": gpu_driver(), "cuda": info.get("cuda"), "torch": info.get("torch"), "vllm": info.get("vllm")}
-    command = " ".join(["autotune calibrate", *sys.argv[2:]]) if sys.argv[1:2] == ["calibrate"] else "autotune calibrate"
-    text = profile_toml(name or out.stem, base_profile, result, machine, measured, command)
+               "driver": gpu_driver(), "cuda": info.get("cuda"), "torch": info.get("torch"), "vllm": info.get("vllm"),
+               "cpu": info.get("cpu")}
+    return base_profile, machine, measured
+
+
+def _write_new(path: Path, text: str) -> None:
     try:
-        with open(out, "x", encoding="utf-8") as f:
+        with open(path, "x", encoding="utf-8") as f:
             f.write(text)
     except OSError as e:
-        raise os_error(e, f"cannot write {out}") from None
-    for key, value in result.fields.items():
-        print(f"  {key} = {value:.4g}")
-    print(f"profile written to {out}; use it with --profile {out}")
+        raise os_error(e, f"cannot write {path}") from None
 
 
 @app.command(name="list")

@@ -9,7 +9,11 @@ from typer.testing import CliRunner
 
 from autotune.calibrate import (
     FIT_PARAMS,
+    Measured,
+    Plan,
     fit_measured,
+    load_measurements,
+    measurements_json,
     measure,
     measurement_specs,
     parse_thread_pcts,
@@ -22,7 +26,7 @@ from autotune.models import from_name
 from autotune.sim.backend import SimBackend
 from autotune.sim.fit import with_fields
 from autotune.sim.profile import load_profile, parse_profile
-from autotune.trial import TrialKind, TrialResult
+from autotune.trial import TrialKind
 
 LLAMA8B = from_name("llama-3.1-8b")
 BASE = load_profile("h200-datasheet")
@@ -31,11 +35,13 @@ TRUE = {"serving.frontend_delay_ms": 14.0, "serving.iteration_overhead_ms": 0.8,
         **{k: getattr(BASE.trainer, k.split(".")[1]) * 0.7 for k in FIT_PARAMS[3].fields}}
 
 
+PLAN = Plan("llama-3.1-8b", (4.0, 24.0), 8.0, (10, 40))
+
+
 @pytest.fixture(scope="module")
 def measured():
     truth = SimBackend(with_fields(BASE, TRUE))
-    specs = measurement_specs(LLAMA8B, rates_req_s=(4.0, 24.0), trial_seconds=8.0)
-    return measure(truth.run_trial, specs, progress=lambda line: None)
+    return measure(truth.run_trial, PLAN.specs(LLAMA8B), progress=lambda line: None)
 
 
 def test_measurements_are_serving_alone_at_each_rate_then_the_trainer_alone_uncapped_and_capped():
@@ -66,9 +72,9 @@ def test_the_fit_finds_known_host_side_numbers_and_the_trainer_gpu_time_again(me
 
 
 def test_a_crashed_measurement_is_left_out_of_the_targets(measured):
-    crashed = [(measured[0][0], TrialResult.crash("server died"))] + measured[1:]
+    crashed = [Measured(measured[0].measurement, {}, "server died")] + measured[1:]
     names = {t.name for t in targets_of(crashed)}
-    assert measured[0][0].name not in names and "trainer alone" in names
+    assert measured[0].measurement.name not in names and "trainer alone" in names
 
 
 def test_the_written_profile_loads_and_says_where_each_number_came_from(measured, tmp_path):
@@ -93,3 +99,42 @@ def test_calibrate_refuses_to_overwrite_and_needs_the_gpu_extras(tmp_path):
     assert existing.read_text() == "keep me"
     result = runner.invoke(app, ["calibrate", "--out", str(tmp_path / "new.toml"), "--rates", "4,x"])
     assert result.exit_code == 2 and "--rates" in result.output
+
+
+def test_measurements_round_trip_and_refit_without_a_gpu(measured, tmp_path):
+    machine = {"gpu": "NVIDIA H200", "gpus": 1, "cpu": "some CPU"}
+    text = measurements_json(PLAN, machine, "h200-datasheet", measured)
+    plan, got_machine, base, back = load_measurements(text, "m.json")
+    assert (plan, got_machine, base) == (PLAN, machine, "h200-datasheet")
+    assert [t.value for t in targets_of(back)] == [t.value for t in targets_of(measured)]
+    assert [t.spec for t in targets_of(back)] == [t.spec for t in targets_of(measured)]  # the same trial specs
+    raw = tmp_path / "m.measurements.json"
+    raw.write_text(text)
+    out = tmp_path / "m.toml"  # beside its own measurements: a refit writes only the profile
+    result = CliRunner().invoke(app, ["calibrate", "--out", str(out), "--refit", str(raw)])
+    assert result.exit_code == 0, result.output
+    p = load_profile(str(out))
+    assert p.serving.frontend_delay_ms == pytest.approx(TRUE["serving.frontend_delay_ms"], rel=0.05)
+    assert "--refit m.measurements.json" in out.read_text()
+    assert raw.read_text() == text
+
+
+def test_refit_refuses_measuring_flags_and_a_file_that_is_not_one(tmp_path):
+    runner = CliRunner()
+    raw = tmp_path / "m.json"
+    raw.write_text('{"plan": {}}')
+    result = runner.invoke(app, ["calibrate", "--out", str(tmp_path / "a.toml"), "--refit", str(raw), "--rates", "8"])
+    assert result.exit_code == 2 and "leave out --rates" in result.output
+    result = runner.invoke(app, ["calibrate", "--out", str(tmp_path / "a.toml"), "--refit", str(raw)])
+    assert result.exit_code == 2 and "not a calibration's measurements file" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "a.toml").exists()
+
+
+def test_each_stage_fits_the_part_of_the_model_its_measurement_reflects(measured):
+    """A TPOT that needs other engine costs moves only the engine's numbers, not the API server's delay."""
+    slow = [Measured(m.measurement, {k: v * (1.1 if k == "tpot_p50_ms" else 1.0) for k, v in m.values.items()})
+            for m in measured]
+    a, b = fit_measured(BASE, targets_of(measured), sweeps=3), fit_measured(BASE, targets_of(slow), sweeps=3)
+    assert b.fields["serving.iteration_overhead_ms"] > a.fields["serving.iteration_overhead_ms"]
+    assert b.fields["trainer.gpu_eager_factor"] == pytest.approx(a.fields["trainer.gpu_eager_factor"], rel=1e-6)

@@ -174,9 +174,9 @@ def sittings(args: argparse.Namespace) -> list[tuple[Path, str | None]]:
 
 
 def score(files: Sequence[tuple[Path, RowsFile, str | None]], args: argparse.Namespace) -> dict[str, Any]:
-    hardware = {rows.hardware for _, rows, _ in files}
-    if len(hardware) != 1:
-        raise UserError(f"the rows files were measured on different hardware: {', '.join(sorted(hardware))}")
+    gpus = {rows.machine.split(" (")[0] for _, rows, _ in files}  # "NVIDIA H200 (143771 MiB) x1, ..."
+    if len(gpus) != 1:
+        raise UserError(f"the rows files were measured on different GPUs: {', '.join(sorted(gpus))}")
     out_rows, not_run, moves, sims, gpu_rows = [], [], [], [], []
     for path, rows, profile in files:
         held = {}
@@ -203,7 +203,7 @@ def score(files: Sequence[tuple[Path, RowsFile, str | None]], args: argparse.Nam
     held_rows = [r for r in out_rows if r["held_out"]]
     names = list(dict.fromkeys(d.get("profile") for d in sims))
     return {
-        "hardware": hardware.pop(),
+        "hardware": files[-1][1].hardware,  # the name the GPU backend gives it now
         "profile": names[0] if len(names) == 1 else names,
         "simulator": [{k: v for k, v in d.items() if k not in ("provenance",)} for d in sims],
         "gpu_rows": gpu_rows,  # one per rows file (sitting)
