@@ -68,16 +68,17 @@ def open_storage(url: str, *, heartbeat_interval_s: int = HEARTBEAT_INTERVAL_S,
     if url.endswith(JOURNAL_SUFFIXES) and "://" not in url:
         return _journal(url)
     engine_kwargs: dict = {}
+    given = url  # what messages name: the user's URL, password hidden
     if url.startswith("sqlite:///"):
         path = _check_sqlite_file(url)
         engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
         if path is not None:
             with folder_lock(path.parent):  # one creator of the tables at a time
-                return _rdb(url, engine_kwargs, heartbeat_interval_s, grace_period_s)
+                return _rdb(url, given, engine_kwargs, heartbeat_interval_s, grace_period_s)
     elif url.split("://", 1)[0] in ("postgresql", "postgresql+psycopg2", "postgresql+psycopg", "postgres"):
         url = postgres_url(url)
         engine_kwargs = {"connect_args": {"connect_timeout": PG_CONNECT_TIMEOUT_S}}
-    return _rdb(url, engine_kwargs, heartbeat_interval_s, grace_period_s)
+    return _rdb(url, given, engine_kwargs, heartbeat_interval_s, grace_period_s)
 
 
 def _check_sqlite_file(url: str) -> Path | None:
@@ -140,9 +141,10 @@ def _journal(path: str) -> optuna.storages.BaseStorage:
         raise os_error(e, f"storage {path}: cannot open it") from None
 
 
-def _rdb(url: str, engine_kwargs: dict, heartbeat_interval_s: int, grace_period_s: int) -> optuna.storages.RDBStorage:
+def _rdb(url: str, given: str, engine_kwargs: dict, heartbeat_interval_s: int,
+         grace_period_s: int) -> optuna.storages.RDBStorage:
     """An ``RDBStorage`` with heartbeats; the creation races of workers that
-    start at once are tried again."""
+    start at once are tried again. ``given``: the URL as the user wrote it."""
     for attempt in range(CREATE_ATTEMPTS):
         try:
             with warnings.catch_warnings():
@@ -155,9 +157,9 @@ def _rdb(url: str, engine_kwargs: dict, heartbeat_interval_s: int, grace_period_
                 time.sleep(CREATE_BACKOFF_S * 2**attempt)
                 continue
             if is_storage_failure(e):  # the URL is fine; the disk or the server is not
-                raise EnvironmentFailure(f"storage {hide_password(url)}: {storage_reason(e)}") from None
+                raise EnvironmentFailure(f"storage {hide_password(given)}: {storage_reason(e)}") from None
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise UserError(f"unusable storage URL {hide_password(url)!r}: {msg}") from None
+            raise UserError(f"unusable storage URL {hide_password(given)!r}: {msg}") from None
     raise AssertionError("unreachable")
 
 
@@ -358,9 +360,13 @@ def fail_abandoned(storage: optuna.storages.BaseStorage, study_name: str) -> lis
 
 def _fail(study: optuna.Study, storage: optuna.storages.BaseStorage, trial_id: int, reason: str) -> bool:
     """Record one trial FAIL with its constraints and reason, and run it again
-    once; False where another worker failed it first."""
+    once; False where another worker failed it first, or where the storage
+    did not take the constraints (it stays RUNNING for the next pass: a FAIL
+    without constraints would count as feasible)."""
     abandon(optuna.trial.Trial(study, trial_id), "failed", reason)
     try:
+        if set(storage.get_trial(trial_id).constraints) != set(CONSTRAINT_KEYS):
+            return False
         if not storage.set_trial_state_values(trial_id, state=optuna.trial.TrialState.FAIL):
             return False
     except optuna.exceptions.UpdateFinishedTrialError:

@@ -41,6 +41,7 @@ import optuna
 from optuna.trial import TrialState
 
 from autotune.errors import EnvironmentFailure, Interrupted, UserError, raise_interrupted
+from autotune.interrupts import InterruptGate
 
 #: How often the parent reads the study and looks at its workers, s.
 POLL_INTERVAL_S = 0.5
@@ -206,23 +207,17 @@ def run_workers(config, backend_name: str, options: Mapping[str, Any], n_trials:
     spawn = multiprocessing.get_context("spawn")
     workers = [WorkerState(job, spawn.Process(target=worker_main, args=(job,), name=f"worker-{i}"))
                for i, job in enumerate(jobs)]
+    gate = InterruptGate()  # Ctrl-C lands in the sleep, never inside a read of the storage (SQLite: a lock kept)
     try:
-        for w in workers:
-            w.process.start()
-        while not all(w.ended for w in workers):
-            time.sleep(POLL_INTERVAL_S)
+        with gate.installed():
             for w in workers:
-                if not w.ended and not w.process.is_alive():
-                    w.process.join()
-                    w.ended = True
-                    _worker_ended(ctx, w, say)
-            _show(ctx, observer, seen, target, workers)
+                w.process.start()
+            _supervise(ctx, observer, workers, seen, target, gate, say)
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)
         _stop(ctx, workers, signum)
         _show(ctx, observer, seen, target, workers)
-        raise Interrupted("the study keeps every finished trial; the same command goes on with it",
-                          signum=signum) from None
+        raise Interrupted(signum=signum) from None  # the CLI's one line: the study keeps every finished trial
     _show(ctx, observer, seen, target, workers)
     if _count(study, TrialState.COMPLETE) < target and not any(w.process.exitcode == 0 for w in workers):
         raise _failure(workers)
@@ -232,6 +227,20 @@ def run_workers(config, backend_name: str, options: Mapping[str, Any], n_trials:
             confirm(ctx, config.confirm_workloads, observer)
     observer.on_end(ctx)
     return ctx
+
+
+def _supervise(ctx, observer, workers: Sequence[WorkerState], seen: set[int], target: int, gate: InterruptGate,
+               say) -> None:
+    """Until every worker has ended: a dead one's trial failed and queued again, the study shown."""
+    while not all(w.ended for w in workers):
+        with gate.open():
+            time.sleep(POLL_INTERVAL_S)
+        for w in workers:
+            if not w.ended and not w.process.is_alive():
+                w.process.join()
+                w.ended = True
+                _worker_ended(ctx, w, say)
+        _show(ctx, observer, seen, target, workers)
 
 
 def _count(study: optuna.Study, state: TrialState) -> int:

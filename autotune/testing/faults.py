@@ -91,7 +91,7 @@ def run_study_with_fault(argv: list[str], storage: str, study_name: str, fault: 
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     if fault == "sigkill-worker" and hurt_pid is not None:  # the trial it held when it died
-        hurt_trial = next(iter(_trials_of(storage, study_name, hurt_pid)), None)
+        hurt_trial = next(iter(_trials_of(storage, study_name, hurt_pid)), hurt_trial)  # else still RUNNING
     return FaultRun(proc.returncode, out, err, hurt_trial, hurt_pid, time.monotonic() - t0)
 
 
