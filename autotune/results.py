@@ -19,6 +19,7 @@ import optuna
 from autotune.confirm import ATTR_SEEDS, CANDIDATES, Confirmation, setting_records, verdict
 from autotune.confirm import load as load_confirmations
 from autotune.errors import EnvironmentFailure, UserError, os_error
+from autotune.trial import Outcome
 
 _CONSTRAINT_PREFIX = "constraints:"
 
@@ -27,7 +28,7 @@ _CONSTRAINT_PREFIX = "constraints:"
 class TrialRow:
     number: int
     state: str  # Optuna's: COMPLETE, FAIL, RUNNING, ...
-    outcome: str  # feasible | infeasible | crashed | interrupted | running
+    outcome: Outcome
     params: dict[str, float]
     metrics: dict[str, float]
     constraints: dict[str, float]  # signed relative margins, <= 0 met
@@ -35,7 +36,7 @@ class TrialRow:
 
     @property
     def feasible(self) -> bool:
-        return self.outcome == "feasible"
+        return self.outcome == Outcome.FEASIBLE
 
     @property
     def peft_samples_per_s(self) -> float:
@@ -49,11 +50,11 @@ class TrialRow:
             if k.startswith(_CONSTRAINT_PREFIX)
         }
         if t.state == optuna.trial.TrialState.RUNNING:
-            outcome = "running"
+            outcome = Outcome.RUNNING
         else:
-            outcome = t.user_attrs.get("outcome", "failed")
-            if t.state == optuna.trial.TrialState.FAIL and outcome not in ("interrupted", "failed"):
-                outcome = "failed"  # measured, but not stored whole: never counted feasible
+            outcome = Outcome(t.user_attrs.get("outcome", Outcome.FAILED))
+            if t.state == optuna.trial.TrialState.FAIL and outcome not in (Outcome.INTERRUPTED, Outcome.FAILED):
+                outcome = Outcome.FAILED  # measured, but not stored whole: never counted feasible
         return cls(
             number=t.number,
             state=t.state.name,
@@ -68,7 +69,7 @@ class TrialRow:
         return {
             "number": self.number,
             "state": self.state,
-            "outcome": self.outcome,
+            "outcome": str(self.outcome),
             "params": self.params,
             "metrics": self.metrics,
             "constraints": self.constraints,
@@ -156,7 +157,10 @@ class StudyResult:
     def to_dict(self) -> dict[str, Any]:
         cfg = self.config
         best = self.best
+        backend = cfg.get("backend") or {}
         return {
+            "schema_version": SCHEMA_VERSION,
+            "versions": versions(),
             "study_name": self.study_name,
             "system": cfg.get("system"),
             "figure": cfg.get("figure"),
@@ -164,6 +168,8 @@ class StudyResult:
             "rate_basis": cfg.get("rate_basis"),
             "backend": cfg.get("backend", {}).get("backend"),
             "backend_info": cfg.get("backend"),
+            "hardware": backend.get("hardware"),
+            "server_flags": backend.get("server_flags"),  # the GPU backend's last server; None on the simulator
             "model": cfg.get("model"),
             "workload": cfg.get("workload"),
             "synthetic_workload": cfg.get("synthetic_workload"),
@@ -190,10 +196,38 @@ class StudyResult:
                 "confirmed": self.confirmed(row)}
 
 
+#: Version of the ``--json`` layout (``schemas/study_result.json``); raised on any change a reader must know.
+SCHEMA_VERSION = 1
+
+
+def versions() -> dict[str, str]:
+    """The tool's and its libraries' versions, for a results file."""
+    import platform
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for dist in ("autotune", "optuna", "numpy"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def schema() -> dict[str, Any]:
+    """The JSON Schema of a ``--json`` file."""
+    from importlib import resources
+
+    return json.loads(resources.files("autotune.schemas").joinpath("study_result.json").read_text(encoding="utf-8"))
+
+
 def write_json(result: StudyResult, path: Path) -> None:
     """Write atomically: an existing file is replaced whole or not at all."""
+    from datetime import datetime, timezone
+
     path = Path(path)
-    text = json.dumps(_finite(result.to_dict()), indent=2)
+    written = {"written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **result.to_dict()}
+    text = json.dumps(_finite(written), indent=2)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         tmp.write_text(text + "\n", encoding="utf-8")

@@ -37,6 +37,7 @@ import optuna
 
 from autotune.errors import EnvironmentFailure, UserError, os_error
 from autotune.slo import CONSTRAINT_KEYS, CRASH_VIOLATION
+from autotune.trial import Outcome
 
 #: A worker's trial in flight records a heartbeat this often, s (RDB storages).
 HEARTBEAT_INTERVAL_S = 5
@@ -295,7 +296,7 @@ def _start_ticks(pid: int) -> str | None:
 # ---------------------------------------------------------------- abandoned trials
 
 
-def abandon(trial: optuna.Trial, outcome: str, error: str) -> None:
+def abandon(trial: optuna.Trial, outcome: Outcome, error: str) -> None:
     """Both constraints (never met, unless the trial measured them already),
     the outcome and the reason, on a trial about to be recorded FAIL: as much
     of it as the storage takes."""
@@ -304,7 +305,7 @@ def abandon(trial: optuna.Trial, outcome: str, error: str) -> None:
             warnings.simplefilter("ignore")  # Optuna keeps a constraint already set, and says so
             for key in CONSTRAINT_KEYS:
                 trial.set_constraint(key, CRASH_VIOLATION)
-        trial.set_user_attr("outcome", outcome)
+        trial.set_user_attr("outcome", outcome.value)
         trial.set_user_attr("error", error)
     except Exception:  # noqa: BLE001  (a failing storage: the caller reports the failure)
         pass
@@ -363,7 +364,7 @@ def _fail(study: optuna.Study, storage: optuna.storages.BaseStorage, trial_id: i
     once; False where another worker failed it first, or where the storage
     did not take the constraints (it stays RUNNING for the next pass: a FAIL
     without constraints would count as feasible)."""
-    abandon(optuna.trial.Trial(study, trial_id), "failed", reason)
+    abandon(optuna.trial.Trial(study, trial_id), Outcome.FAILED, reason)
     try:
         if set(storage.get_trial(trial_id).constraints) != set(CONSTRAINT_KEYS):
             return False

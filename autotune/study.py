@@ -44,7 +44,7 @@ from autotune.storage import (OWNER_ATTR, FolderLock, abandon, create_study, fai
                               heartbeats_on, hide_password, is_storage_failure, open_storage, owner_alive,
                               owner_tag, storage_reason)
 from autotune.systems import System, get_system
-from autotune.trial import LoraServing, TrialKind, TrialResult, TrialSpec
+from autotune.trial import LoraServing, Outcome, TrialKind, TrialResult, TrialSpec
 from autotune.workloads.spec import Workload
 
 DEFAULT_RUNS_DIR = Path("autotune-runs")
@@ -479,7 +479,8 @@ def record_trial(ctx: StudyContext, trial: optuna.Trial, result: TrialResult) ->
         trial.set_constraint(key, value)
     metrics = result.metrics()
     trial.set_user_attr("metrics", metrics)
-    trial.set_user_attr("outcome", "crashed" if result.crashed else ("feasible" if feasible(margins) else "infeasible"))
+    outcome = Outcome.CRASHED if result.crashed else Outcome.FEASIBLE if feasible(margins) else Outcome.INFEASIBLE
+    trial.set_user_attr("outcome", outcome.value)
     if result.error is not None:
         trial.set_user_attr("error", result.error)
     if result.notes:
@@ -562,11 +563,11 @@ def run_trials(ctx: StudyContext, n_trials: int, observer: StudyObserver, *,
                 result = ctx.backend.run_trial(trial_spec(ctx, params, trial.number), observer.on_progress)
         except KeyboardInterrupt as e:
             signal_name = "SIGTERM" if getattr(e, "signum", None) == signal.SIGTERM else "Ctrl-C"
-            abandon(trial, "interrupted", f"interrupted ({signal_name})")
+            abandon(trial, Outcome.INTERRUPTED, f"interrupted ({signal_name})")
             raise
         except Exception as e:
             failure = _failure_of(e, url)
-            abandon(trial, "failed", str(failure) if failure is not None else _one_line(e))
+            abandon(trial, Outcome.FAILED, str(failure) if failure is not None else _one_line(e))
             if failure is not None and failure is not e:
                 raise failure from e
             raise
@@ -645,7 +646,7 @@ def _fail_if_running(study: optuna.Study, trial: optuna.Trial, reason: str) -> b
     try:
         if not any(t.number == trial.number for t in study.get_trials(deepcopy=False, states=(running,))):
             return True
-        abandon(trial, "failed", reason)
+        abandon(trial, Outcome.FAILED, reason)
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         return not any(t.number == trial.number for t in study.get_trials(deepcopy=False, states=(running,)))
     except Exception:  # noqa: BLE001  (the storage still fails)

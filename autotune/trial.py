@@ -17,6 +17,17 @@ from autotune.policy import SharingPolicy
 from autotune.workloads.spec import Workload
 
 
+class Outcome(enum.StrEnum):
+    """How a trial of a study ended, as stored with it and written to ``--json``."""
+
+    FEASIBLE = "feasible"  # measured; both P99s within the SLO, no request failed
+    INFEASIBLE = "infeasible"  # measured; misses the SLO
+    CRASHED = "crashed"  # the backend could not measure it (the reason is stored)
+    FAILED = "failed"  # its worker died, or it was not stored whole: never counted feasible
+    INTERRUPTED = "interrupted"  # Ctrl-C or SIGTERM during its measurement
+    RUNNING = "running"  # in flight (another worker's, or one to be failed at the next start)
+
+
 class TrialKind(str, enum.Enum):
     COLOCATED = "colocated"  # server and trainer share the GPU under the policy
     SERVING_ALONE = "serving_alone"  # reference for relative SLOs

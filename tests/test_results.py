@@ -11,7 +11,18 @@ import optuna
 import pytest
 
 from autotune.errors import UserError
-from autotune.results import StudyResult, TrialRow, format_params, load_result, tradeoff_curve, summary_text, write_json
+from autotune.results import (
+    SCHEMA_VERSION,
+    StudyResult,
+    TrialRow,
+    format_params,
+    load_result,
+    schema,
+    summary_text,
+    tradeoff_curve,
+    write_json,
+)
+from autotune.trial import Outcome
 from autotune.slo import CRASH_VIOLATION
 
 PCT = optuna.distributions.IntDistribution(10, 100, step=5)
@@ -142,6 +153,47 @@ def test_to_dict_and_write_json(study, tmp_path):
     assert [t["number"] for t in doc["trials"]] == [0, 1, 2, 3, 4]
     assert doc["trials"][2]["error"] == "trainer out of memory"
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def _validator():
+    jsonschema = pytest.importorskip("jsonschema")  # in the test extra: runs in CI
+    return jsonschema, jsonschema.Draft202012Validator(schema(), format_checker=jsonschema.FormatChecker())
+
+
+def test_written_json_follows_its_schema_and_says_when_and_by_what(study, tmp_path):
+    jsonschema, validator = _validator()
+    path = tmp_path / "out.json"
+    write_json(StudyResult.of(study), path)
+    doc = json.loads(path.read_text())
+    validator.validate(doc)
+    assert doc["schema_version"] == SCHEMA_VERSION == schema()["properties"]["schema_version"]["const"]
+    assert doc["written_at"].endswith("+00:00") and doc["versions"]["optuna"] == optuna.__version__
+    assert doc["hardware"] == "h100-80gb" and doc["server_flags"] is None  # the simulator runs no server
+    assert [t["outcome"] for t in doc["trials"]] == ["feasible", "infeasible", "crashed", "feasible", "running"]
+    for broken in ({**doc, "trials": [{**doc["trials"][0], "outcome": "great"}]},  # not an outcome
+                   {k: v for k, v in doc.items() if k != "versions"},
+                   {**doc, "schema_version": 2},
+                   {**doc, "trials": [{**doc["trials"][0], "ttft_p99_ms": 1.0}]}):  # metrics belong in metrics
+        with pytest.raises(jsonschema.ValidationError):
+            validator.validate(broken)
+
+
+def test_the_cli_json_of_a_simulated_study_follows_the_schema(tmp_path):
+    from typer.testing import CliRunner
+
+    from autotune.cli import app
+
+    _, validator = _validator()
+    out = tmp_path / "study.json"
+    result = CliRunner().invoke(app, ["chunked", "--figure", "fig8a", "--trials", "2", "--num-prompts", "10",
+                                      "--plain", "--runs-dir", str(tmp_path / "runs"), "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    validator.validate(json.loads(out.read_text()))
+
+
+def test_outcomes_are_read_as_the_enum():
+    row = TrialRow.of(_finished(60, "infeasible", 1.0, 70.0))
+    assert row.outcome is Outcome.INFEASIBLE and not row.feasible
 
 
 def test_write_json_writes_null_for_inf_and_nan(tmp_path):

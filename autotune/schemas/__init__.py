@@ -1,0 +1,1 @@
+"""JSON Schemas of the files autotune writes (read with ``importlib.resources``)."""
