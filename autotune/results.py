@@ -21,9 +21,6 @@ from autotune.confirm import load as load_confirmations
 from autotune.errors import EnvironmentFailure, UserError, os_error
 from autotune.trial import Outcome
 
-_CONSTRAINT_PREFIX = "constraints:"
-
-
 @dataclass(frozen=True)
 class TrialRow:
     number: int
@@ -44,11 +41,7 @@ class TrialRow:
 
     @classmethod
     def of(cls, t: optuna.trial.FrozenTrial) -> TrialRow:
-        constraints = {
-            k.removeprefix(_CONSTRAINT_PREFIX): float(v)
-            for k, v in t.system_attrs.items()
-            if k.startswith(_CONSTRAINT_PREFIX)
-        }
+        constraints = {k: float(v) for k, v in t.constraints.items()}  # Optuna 5: set_constraint's
         if t.state == optuna.trial.TrialState.RUNNING:
             outcome = Outcome.RUNNING
         else:
