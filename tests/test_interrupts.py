@@ -11,6 +11,29 @@ from autotune.errors import Interrupted
 from autotune.interrupts import InterruptGate
 
 
+@pytest.fixture(autouse=True)
+def default_handlers():
+    """The handlers an interactive run starts with, whatever started pytest: a
+    job sent to the background (``cmd &``, nohup) starts with SIGINT ignored,
+    and the gate rightly leaves an ignored signal alone."""
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+def test_an_ignored_signal_stays_ignored():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    gate = InterruptGate()
+    with gate.installed():
+        os.kill(os.getpid(), signal.SIGINT)
+        assert gate.pending is None
+        gate.check()  # nothing held: the user asked for the signal to be ignored (nohup)
+    assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+
+
 def test_a_signal_outside_the_open_part_is_held_until_check():
     gate = InterruptGate()
     with gate.installed():
