@@ -28,7 +28,6 @@ from datetime import datetime, timezone
 
 from autotune.errors import UserError
 from autotune.models import ModelConfig
-from autotune.policy import SAMPLE_TOKENS, Preemption
 from autotune.sim.backend import SimBackend
 from autotune.sim.fit import Fit, Param, Target, fit
 from autotune.sim.profile import MEASURED_SECTIONS, Profile, is_carried
@@ -93,8 +92,7 @@ def measurement_specs(model: ModelConfig, rates_req_s: Sequence[float] = DEFAULT
                          label=f"calibrate-serving-{rate:g}rps")
         out.append(Measurement(name, spec, ("ttft_p50_ms", "tpot_p50_ms"), (1.0, 2.0)))
     for pct in (100, *mps_thread_pcts):
-        trainer = replace(policy, trainer_mps_active_thread_pct=pct, trainer_seq_len_tokens=SAMPLE_TOKENS,
-                          preemption=Preemption.NONE)
+        trainer = replace(policy.trainer_alone(), trainer_mps_active_thread_pct=pct)
         capped = f" at {pct}% MPS threads" if pct < 100 else ""
         spec = TrialSpec(TrialKind.TRAINER_ALONE, system.name, {}, trainer, model, None, seed,
                          label=f"calibrate-trainer-alone-{pct}pct")

@@ -19,9 +19,11 @@ FSDP ranks):
   weights with their gradients and AdamW state, the activations of one
   checkpointed step, and the process's CUDA context.
 
-Every system here runs the trainer as a separate process with its own copy of
-the weights (the artifact's FineInfer and LLMStation train inside the serving
-engine on its weights). Where the system's server budget and that trainer do
+Whether the trainer holds its own copy of the weights or trains on the
+server's is the sharing policy's ``trainer_shares_server_weights``. Every
+system here runs the trainer as a separate process with its own copy (the
+artifact's FineInfer and LLMStation train inside the serving engine on its
+weights), and the GPU backend can run no other. Where the system's server budget and that trainer do
 not fit together, the plan lowers the server's budget to what is left and
 says so in ``notes``; where the server then cannot hold its weights, reserve
 and one longest request, the trial cannot run: ``TrialCrash`` "out of memory".
@@ -81,13 +83,15 @@ class MemoryPlan:
         return int(self.kv_cache_gib * GIB // per_gpu_bytes) // block_size_tokens * block_size_tokens
 
 
-def trainer_memory_gib(model: ModelConfig, gpus: int, seq_len_tokens: int, lora_rank: int) -> dict[str, float]:
-    """What one trainer rank holds at its peak, GiB, by part."""
+def trainer_memory_gib(model: ModelConfig, gpus: int, seq_len_tokens: int, lora_rank: int,
+                       own_weights: bool = True) -> dict[str, float]:
+    """What one trainer rank holds at its peak, GiB, by part; ``own_weights``
+    False: it trains on the server's copy of the base weights (no weights of its own)."""
     h, v, layers = model.hidden_size, model.vocab_size, model.num_layers
     root_params = v * h * (1 if model.tie_word_embeddings else 2)
     layer_params = (model.num_params - root_params - h) // layers
     gathered = (gpus - 1) / gpus * (root_params + 2 * layer_params)  # beyond its shard, while gathered
-    weights = (model.num_params / gpus + gathered) * BF16_BYTES
+    weights = (model.num_params / gpus + gathered) * BF16_BYTES if own_weights else 0.0
     lora = model.lora_params(lora_rank) / gpus * (BF16_BYTES * 2 + FP32_BYTES * 2)  # weight, grad, 2 moments
     t = seq_len_tokens
     activations = (layers * t * h * BF16_BYTES  # one checkpoint per layer
@@ -115,7 +119,7 @@ def plan_memory(model: ModelConfig, policy: SharingPolicy, *, gpus: int, gpu_mem
     if trains:
         # The server's budget must not change with the chunk size: plan for full samples.
         need = trainer_memory_gib(model, gpus, max(policy.trainer_seq_len_tokens, SAMPLE_TOKENS),
-                                  trainer_lora_rank)
+                                  trainer_lora_rank, own_weights=not policy.trainer_shares_server_weights)
     trainer = sum(need.values())
     if trainer > budget:
         raise TrialCrash(f"out of memory: the trainer needs {trainer:.1f} GiB per GPU "
@@ -131,7 +135,8 @@ def plan_memory(model: ModelConfig, policy: SharingPolicy, *, gpus: int, gpu_mem
             lowered = budget - trainer
             notes.append(
                 f"vLLM's memory lowered from {policy.gpu_memory_utilization:g} to {lowered / budget:.2f} of "
-                f"{budget:.1f} GiB per GPU: the trainer's own copy of the weights needs {trainer:.1f} GiB beside it")
+                f"{budget:.1f} GiB per GPU: the trainer needs {trainer:.1f} GiB beside it "
+                f"({need['weights']:.1f} of them its own copy of the weights)")
             server = lowered
         longest = model.kv_bytes_per_token(BF16_BYTES) / gpus * max_model_len / GIB
         kv = server - weights - adapters - reserve

@@ -35,7 +35,6 @@ from autotune.errors import EnvironmentFailure, UserError, os_error
 from autotune.figures import FigurePreset, get_figure
 from autotune.knobs import SearchSpace
 from autotune.models import ModelConfig, resolve_model
-from autotune.policy import SAMPLE_TOKENS, Preemption
 from autotune.distinct import DistinctSampler, sampler_seed
 from autotune.interrupts import InterruptGate
 from autotune.samplers import DEFAULT_SAMPLER, make_sampler
@@ -347,8 +346,7 @@ def _reference_spec(ctx: StudyContext, kind: TrialKind) -> TrialSpec:
     Trainer alone: full 512-token samples, no MPS cap, no pause: the PEFT ceiling."""
     policy = ctx.system.policy(ctx.space.defaults())
     if kind is TrialKind.TRAINER_ALONE:
-        policy = replace(policy, trainer_mps_active_thread_pct=100, trainer_seq_len_tokens=SAMPLE_TOKENS,
-                         preemption=Preemption.NONE)
+        policy = policy.trainer_alone()
     return TrialSpec(
         kind=kind, system=ctx.system.name, params={}, policy=policy, model=ctx.model,
         workload=ctx.workload if kind is TrialKind.SERVING_ALONE else None,

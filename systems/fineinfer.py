@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from autotune.knobs import Knob
-from autotune.policy import Preemption, SharingPolicy
+from autotune.policy import ArrivalGate, SharingPolicy
 from autotune.systems._base import System
 
 
@@ -31,6 +31,5 @@ class FineInfer(System):
         return SharingPolicy(
             mps=False,
             gpu_memory_utilization=self.gpu_memory_utilization,
-            preemption=Preemption.ITERATION,
-            defer_s=float(params["defer_s"]),
+            arrival_gate=ArrivalGate(defer_s=float(params["defer_s"])),
         )

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from autotune.knobs import Knob
-from autotune.policy import Preemption, SharingPolicy
+from autotune.policy import PausePlan, SharingPolicy
 from autotune.systems._base import System
 
 
@@ -35,9 +35,10 @@ class LLMStation(System):
         return SharingPolicy(
             mps=True,
             gpu_memory_utilization=self.gpu_memory_utilization,
-            preemption=Preemption.TASKLET,
-            forward_tasklets=int(params["forward_tasklets"]),
-            forward_wait_s=float(params["forward_wait_s"]),
-            backward_tasklets=int(params["backward_tasklets"]),
-            backward_wait_s=float(params["backward_wait_s"]),
+            pause_plan=PausePlan(
+                forward_tasklets=int(params["forward_tasklets"]),
+                forward_wait_s=float(params["forward_wait_s"]),
+                backward_tasklets=int(params["backward_tasklets"]),
+                backward_wait_s=float(params["backward_wait_s"]),
+            ),
         )

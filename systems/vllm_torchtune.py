@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from autotune.knobs import Knob
-from autotune.policy import Preemption, SharingPolicy
+from autotune.policy import SharingPolicy
 from autotune.systems._base import System
 
 
@@ -27,5 +27,4 @@ class VllmTorchtune(System):
             mps=True,
             gpu_memory_utilization=self.gpu_memory_utilization,
             trainer_mps_active_thread_pct=int(params["mps_active_thread_pct"]),
-            preemption=Preemption.NONE,
         )

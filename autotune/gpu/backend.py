@@ -5,7 +5,8 @@ not change), one LoRA trainer process built with torchtune's model builders
 whose step runs as tasklets, the load generator, and a shared-memory channel
 between load generator and trainer. A system's ``SharingPolicy`` decides the
 MPS daemon and the trainer's MPS share, its sequence length, where it may stop
-and how long it waits, and the load generator's deferral gate.
+and how long it waits, the load generator's deferral gate, and the memory
+split (the trainer holds its own copy of the weights).
 
 A trial: server ready -> trainer started and warmed up (its first steps are
 not counted) -> workload replayed -> trainer stopped -> metrics. Every child
@@ -42,7 +43,6 @@ from autotune.errors import TrialCrash, UserError
 from autotune.memory import MemoryPlan, plan_for_trial
 from autotune.metrics import peft_metrics, serving_metrics
 from autotune.models import ModelConfig
-from autotune.policy import Preemption
 from autotune.trial import TrialKind, TrialResult, TrialSpec
 
 TRAINER_READY_TIMEOUT_S = 600.0  # build, load and warm up the trainer
@@ -226,6 +226,9 @@ class GpuBackend(Backend):
 
     def _memory(self, spec: TrialSpec) -> MemoryPlan:
         """The trial's per-GPU plan (``TrialCrash`` "out of memory" where nothing fits)."""
+        if spec.policy.trainer_shares_server_weights:
+            raise UserError(f"{spec.system}: the GPU backend runs the trainer as a process of its own, "
+                            "with its own copy of the weights; it cannot train on the server's")
         return plan_for_trial(spec, gpus=self.gpus, gpu_memory_gib=self._gpu_mem_mib / 1024,
                               budget_gib=self.gpu_mem_gb)
 
@@ -259,8 +262,8 @@ class GpuBackend(Backend):
         from autotune.gpu.trainer import TrainerConfig, trainer_command
 
         policy = spec.policy
-        if spec.kind is TrialKind.TRAINER_ALONE and policy.preemption is Preemption.ITERATION:
-            policy = replace(policy, preemption=Preemption.NONE)  # nothing to wait for
+        if spec.kind is TrialKind.TRAINER_ALONE:
+            policy = replace(policy, arrival_gate=None)  # no request to wait for
         config = TrainerConfig(
             model=str(self.model_path) if self.model_path is not None else spec.model.name,
             policy=policy.to_dict(), iteration_log=str(trial_dir / "iterations.jsonl"),

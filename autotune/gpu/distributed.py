@@ -48,6 +48,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from autotune.policy import SharingPolicy
+
 MASTER_ADDR = "127.0.0.1"
 
 
@@ -156,9 +158,9 @@ class SharedChannel:
         if self._channel is not None:
             self._channel.set_trainer_in_iteration(value)
 
-    def enter_iteration(self, poll_s: float, should_stop: Callable[[], bool],
+    def enter_iteration(self, policy: SharingPolicy, should_stop: Callable[[], bool],
                         sleep: Callable[[float], None] = time.sleep) -> bool:
-        """FineInfer's gate for N ranks (``trainer.enter_iteration`` for one).
+        """``trainer.enter_iteration`` for N ranks: the policy's start rule on the shared count.
 
         Rank 0 makes the single-process handshake on its own channel (flag up,
         read, flag down again if busy) and only then shares its answer. Read
@@ -171,13 +173,13 @@ class SharedChannel:
             if self._channel is not None:
                 self._channel.set_trainer_in_iteration(True)
                 busy = self._channel.requests_in_flight()
-                if busy:
+                if not policy.trainer_may_start(busy):
                     self._channel.set_trainer_in_iteration(False)
-            if self._max(busy) == 0:
+            if policy.trainer_may_start(self._max(busy)):
                 return True
             if should_stop():
                 return False
-            sleep(poll_s)
+            sleep(policy.trainer_poll_s)
 
 
 def shard_model(model: Any, world_size: int, device_type: str) -> Any:

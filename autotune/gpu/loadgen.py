@@ -18,10 +18,10 @@ usage says more tokens came than were counted, the rest get the last chunk's
 time. So TTFT and TPOT are exact; ITL has a zero gap inside a multi-token
 chunk, where vLLM's benchmark has one gap per chunk.
 
-FineInfer's deferral gate (``Preemption.ITERATION``): a request arriving at an
-idle server (none in flight) is held ``defer_s``, and requests arriving
-meanwhile join it; then the batch waits until the trainer is not inside an
-iteration (polled every ``iteration_poll_s``), and all are sent together.
+FineInfer's deferral gate (the sharing policy's ``arrival_gate``): a request
+arriving at an idle server (none in flight) is held ``defer_s``, and requests
+arriving meanwhile join it; then the batch waits until the trainer is not
+inside an iteration (polled every ``poll_s``), and all are sent together.
 Held requests count as in flight, so the trainer starts no new iteration.
 A request's ``send_s`` is its arrival, so time held counts in its TTFT, as it
 would inside FineInfer's engine.
@@ -45,7 +45,7 @@ import numpy as np
 from autotune.gpu.channel import Channel
 from autotune.gpu.modelfiles import adapter_name, token_text
 from autotune.metrics import RequestRecord
-from autotune.policy import Preemption, SharingPolicy
+from autotune.policy import ArrivalGate, SharingPolicy
 from autotune.workloads.spec import RequestSpec, Workload
 
 #: progress(fraction of requests finished, in [0, 1])
@@ -154,8 +154,8 @@ class _InFlight:
 class _DeferralGate:
     """FineInfer's gate (see the module doc). One event loop, so no locks."""
 
-    def __init__(self, policy: SharingPolicy, channel: Channel | None, in_flight: _InFlight) -> None:
-        self._policy = policy
+    def __init__(self, gate: ArrivalGate, channel: Channel | None, in_flight: _InFlight) -> None:
+        self._gate = gate
         self._channel = channel
         self._in_flight = in_flight
         self._held: asyncio.Future[None] | None = None  # the batch being held, if any
@@ -172,9 +172,9 @@ class _DeferralGate:
 
     async def _release(self, held: asyncio.Future[None]) -> None:
         try:
-            await asyncio.sleep(self._policy.defer_s)
+            await asyncio.sleep(self._gate.defer_s)
             while self._channel is not None and self._channel.trainer_in_iteration():
-                await asyncio.sleep(self._policy.iteration_poll_s)
+                await asyncio.sleep(self._gate.poll_s)
         finally:
             self._held = None
             if not held.done():
@@ -195,8 +195,8 @@ async def replay(url: str, workload: Workload, *, model_name: str, vocab_size: i
     bodies = [request_body(spec, prompt_text(p) if prompt_as_text else p, model_name)
               for spec, p in zip(workload.requests, prompts)]
     in_flight = _InFlight(channel)
-    gate = (_DeferralGate(policy, channel, in_flight)
-            if policy is not None and policy.preemption is Preemption.ITERATION else None)
+    gate = (_DeferralGate(policy.arrival_gate, channel, in_flight)
+            if policy is not None and policy.arrival_gate is not None else None)
     finished = 0
 
     async def one(session: aiohttp.ClientSession, spec: RequestSpec, body: dict[str, Any],

@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FORWARD = "forward"
-BACKWARD = "backward"
+from autotune.policy import BACKWARD, FORWARD, PausePlan, num_backward_tasklets, num_forward_tasklets
+
 
 
 @dataclass(frozen=True)
@@ -47,14 +47,6 @@ class Tasklet:
     pass_name: str  # FORWARD | BACKWARD
     index: int
     loss: torch.Tensor | None = None  # set by the head tasklet only (detached)
-
-
-def num_forward_tasklets(num_layers: int) -> int:
-    return num_layers + 1
-
-
-def num_backward_tasklets(num_layers: int) -> int:
-    return num_layers
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -136,9 +128,9 @@ class NoRequests:
 
 @dataclass
 class PausePoints:
-    """LLMStation's pause points: after every ``forward_tasklets`` forward
-    tasklets (and ``backward_tasklets`` backward ones), if requests are in
-    flight, sleep that pass's wait. 0 tasklets = no pause points in that pass.
+    """The sharing policy's pause plan at work (``autotune.policy.PausePlan``,
+    the simulator's segments): at each of its pause points, if requests are
+    in flight, sleep that pass's wait.
 
     ``sync`` runs at every pause point, before the check: on CUDA it is
     ``torch.cuda.synchronize``, so the check happens where the GPU really is
@@ -148,10 +140,8 @@ class PausePoints:
     """
 
     channel: InFlight
-    forward_tasklets: int = 0
-    forward_wait_s: float = 0.0
-    backward_tasklets: int = 0
-    backward_wait_s: float = 0.0
+    plan: PausePlan
+    num_layers: int
     sync: Callable[[], None] = lambda: None
     sleep: Callable[[float], None] = time.sleep
     checks: int = 0  # pause points reached
@@ -159,12 +149,10 @@ class PausePoints:
     paused_s: float = 0.0  # total sleep asked for, s
 
     def after(self, tasklet: Tasklet) -> None:
-        every, wait_s = (
-            (self.forward_tasklets, self.forward_wait_s)
-            if tasklet.pass_name == FORWARD
-            else (self.backward_tasklets, self.backward_wait_s)
-        )
-        if every <= 0 or (tasklet.index + 1) % every != 0:
+        pass_tasklets = (num_forward_tasklets(self.num_layers) if tasklet.pass_name == FORWARD
+                         else num_backward_tasklets(self.num_layers))
+        wait_s = self.plan.wait_after_s(tasklet.pass_name, tasklet.index, pass_tasklets)
+        if wait_s is None:
             return
         self.checks += 1
         self.sync()

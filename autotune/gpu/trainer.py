@@ -9,15 +9,16 @@ v only, base frozen, bf16 on CUDA, batch 1 of ``seq_len_tokens`` token ids
 (synthetic, or an Alpaca-format file packed to that length with a real
 tokenizer: ``finetune_data``, ``autotune.gpu.finetune_data``), AdamW lr 3e-4
 over the LoRA weights, per-layer activation checkpointing. Each step runs as
-tasklets (``autotune.gpu.tasklets``); the sharing policy says where the
-trainer may stop for inference:
+tasklets (``autotune.gpu.tasklets``); the sharing policy
+(``autotune.policy``) says where the trainer may stop for inference:
 
-- ``Preemption.NONE``: runs freely (its MPS share comes from the environment,
-  ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``, set by whoever launches it);
-- ``Preemption.ITERATION`` (FineInfer): starts no iteration while requests are
-  in flight, polling every ``iteration_poll_s``;
-- ``Preemption.TASKLET`` (LLMStation): pause points between tasklets. Without a
-  channel (the trainer alone, fig12) the checks still run and never wait.
+- its pause plan (LLMStation): pause points between tasklets. Without a
+  channel (the trainer alone, fig12) the checks still run and never wait;
+- ``trainer_may_start`` (``enter_iteration``): under an arrival gate
+  (FineInfer) no iteration starts while requests are in flight, polling every
+  ``arrival_gate.poll_s``;
+- otherwise it runs freely (its MPS share comes from the environment,
+  ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``, set by whoever launches it).
 
 Started with torchrun's variables (``WORLD_SIZE`` > 1, as the backend's
 ``--gpus N`` does), it is one rank of N: the model is FSDP2-sharded, every
@@ -50,7 +51,7 @@ from typing import Any, Callable, Iterator, Protocol
 from autotune.errors import UserError
 from autotune.metrics import TrainerIteration
 from autotune.models import ModelConfig, from_hf_config, from_name
-from autotune.policy import Preemption, SharingPolicy
+from autotune.policy import SharingPolicy
 
 EXIT_OOM = 3  # the backend records "trainer out of memory"
 EXIT_ERROR = 1
@@ -87,7 +88,7 @@ class TrainerConfig:
     tokenizer: str | None = None  # tokenizer.json or its folder; needed with finetune_data
 
     def sharing_policy(self) -> SharingPolicy:
-        return policy_from_dict(self.policy)
+        return SharingPolicy.from_dict(self.policy)
 
     def seq_len(self) -> int:
         return self.seq_len_tokens or self.sharing_policy().trainer_seq_len_tokens
@@ -101,10 +102,6 @@ class TrainerConfig:
             return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
         except (OSError, ValueError, TypeError) as e:
             raise UserError(f"bad trainer config {path}: {e}") from None
-
-
-def policy_from_dict(d: dict[str, Any]) -> SharingPolicy:
-    return SharingPolicy(**{**d, "preemption": Preemption(d.get("preemption", "none"))})
 
 
 def trainer_command(config_path: str | Path) -> list[str]:
@@ -245,22 +242,24 @@ def training_batches(config: TrainerConfig, vocab_size: int, seq_len: int, devic
 
 
 def enter_iteration(
-    channel: TrainerChannel, poll_s: float, should_stop: Callable[[], bool], sleep: Callable[[float], None] = time.sleep
+    channel: TrainerChannel, policy: SharingPolicy, should_stop: Callable[[], bool],
+    sleep: Callable[[float], None] = time.sleep,
 ) -> bool:
-    """FineInfer: mark the trainer inside an iteration once no request is in
-    flight; False if asked to stop while waiting.
+    """Mark the trainer inside an iteration once the policy lets it start
+    (at once, or under an arrival gate once no request is in flight, polling
+    every ``trainer_poll_s``); False if asked to stop while waiting.
 
     The flag goes up before the check: the load generator counts a request in
     flight before it reads the flag, so one of the two always sees the other.
     """
     while True:
         channel.set_trainer_in_iteration(True)
-        if channel.requests_in_flight() == 0:
+        if policy.trainer_may_start(channel.requests_in_flight()):
             return True
         channel.set_trainer_in_iteration(False)
         if should_stop():
             return False
-        sleep(poll_s)
+        sleep(policy.trainer_poll_s)
 
 
 def iteration_record(start_s: float, end_s: float, tokens: int, loss: float) -> str:
@@ -356,9 +355,9 @@ def _train(config: TrainerConfig, channel: TrainerChannel | None, stop_signal: C
             return stop_signal() or chan.stop_requested()
 
     pause = None
-    if policy.preemption is Preemption.TASKLET:
-        pause = PausePoints(chan, policy.forward_tasklets, policy.forward_wait_s, policy.backward_tasklets,
-                            policy.backward_wait_s, sync=torch.cuda.synchronize if cuda else (lambda: None))
+    if policy.pause_points(cfg.num_layers) != (0, 0):
+        pause = PausePoints(chan, policy.pause_plan, cfg.num_layers,
+                            sync=torch.cuda.synchronize if cuda else (lambda: None))
 
     status_path = rank_path(config.status_path, info.rank)
     tokens_per_step = seq_len * info.world_size  # the global batch: one sample per rank
@@ -375,12 +374,9 @@ def _train(config: TrainerConfig, channel: TrainerChannel | None, stop_signal: C
                 write_status(status_path, "ready", trainable_params=trainable)
                 if info.is_main:
                     print(READY_LINE, flush=True)
-            if policy.preemption is Preemption.ITERATION:
-                gate = shared.enter_iteration if info.distributed else partial(enter_iteration, chan)
-                if not gate(policy.iteration_poll_s, should_stop):
-                    break
-            else:
-                chan.set_trainer_in_iteration(True)
+            gate = shared.enter_iteration if info.distributed else partial(enter_iteration, chan)
+            if not gate(policy, should_stop):
+                break
             start_s = time.time()
             tokens, labels = next(batches)  # [1, S] each
             loss = train_step(model, optimizer, tokens, labels, pause).item()  # .item() waits for the GPU

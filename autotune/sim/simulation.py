@@ -6,15 +6,16 @@ Timeline: the trainer (if any) starts at t = 0; request i is sent at
 The PEFT measurement window is the serving window (first send to last
 token); with no serving it is ``TRAINER_ALONE_WINDOW_S`` after the warm-up.
 
-Policies (``SharingPolicy.preemption``):
-- NONE: the trainer runs freely beside the server (contention under MPS).
-- ITERATION (FineInfer): a request reaching an idle engine is held
+The sharing policy (``autotune.policy``), read here and nowhere else:
+- its pause plan cuts the trainer's step into segments (``plan_segments``):
+  at each pause point, if requests are in flight, the trainer sleeps that
+  pass's wait (LLMStation); otherwise it overlaps under MPS (contention);
+- its arrival gate (FineInfer): a request reaching an idle engine is held
   ``defer_s`` (later arrivals join it), then until the trainer's iteration
-  in progress ends (polled every ``iteration_poll_s``); the trainer starts no
-  iteration while any request is in flight. They never overlap. A
-  serving-alone (reference) trial has no gate: it serves at once.
-- TASKLET (LLMStation): at each pause point, if requests are in flight, the
-  trainer sleeps that pass's wait; otherwise it overlaps under MPS.
+  in progress ends (polled every ``poll_s``); ``trainer_may_start`` keeps
+  the trainer from starting an iteration while any request is in flight, so
+  they never overlap. A serving-alone (reference) trial has no gate: it
+  serves at once.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import numpy as np
 from autotune.backends._base import ProgressFn, no_progress
 from autotune.memory import MemoryPlan, plan_for_trial
 from autotune.metrics import RequestRecord, TrainerIteration
-from autotune.policy import Preemption
 from autotune.sim.contention import Contention
 from autotune.sim.costs import ServingCostModel, TrainerCostModel
 from autotune.sim.events import ARRIVAL, CONTROL, Event, EventQueue
@@ -219,7 +219,8 @@ class Simulation:
         self._delivered = max(self._delivered, i + 1)
         req = self.requests[i]
         assert self.server is not None
-        if self.policy.preemption is not Preemption.ITERATION or self.trainer is None:
+        gate = self.policy.arrival_gate
+        if gate is None or self.trainer is None:
             return self.server.add(now, req)  # the deferral gate exists for the trainer's sake
         if self._held is not None:
             self._held.append(req)
@@ -227,12 +228,14 @@ class Simulation:
         if self.server.has_work:
             return self.server.add(now, req)
         self._held = [req]  # an idle engine: defer, batching later arrivals
-        return [(now + self.policy.defer_s, CONTROL, self._gate)]
+        return [(now + gate.defer_s, CONTROL, self._gate)]
 
     def _gate(self, now: float) -> list[Event]:
         """FineInfer: after the deferral, wait for the trainer's iteration to end."""
+        gate = self.policy.arrival_gate
+        assert gate is not None
         if self.channel.trainer_in_iteration:
-            return [(now + self.policy.iteration_poll_s, CONTROL, self._gate)]
+            return [(now + gate.poll_s, CONTROL, self._gate)]
         held, self._held = self._held or [], None
         assert self.server is not None
         return self.server.add_many(now, held)
@@ -247,9 +250,8 @@ class Simulation:
         if self._done >= self._next_report * self._valid:
             self.progress(0.99 * self._done / self._valid, f"{self._done}/{self._valid} requests")
             self._next_report += 0.1
-        if (self.trainer is not None and self.policy.preemption is Preemption.ITERATION
-                and self.channel.requests_in_flight == 0):
-            return self.trainer.resume(now)
+        if self.trainer is not None and self.policy.trainer_may_start(self.channel.requests_in_flight):
+            return self.trainer.resume(now)  # an idle trainer (held by the gate) starts
         return []
 
     def _server_activity(self, now: float, duty: float, busy: bool) -> list[Event]:
@@ -263,6 +265,4 @@ class Simulation:
         return self.server.on_trainer(now, duty)
 
     def _trainer_may_start(self) -> bool:
-        if self.policy.preemption is Preemption.ITERATION:
-            return self.channel.requests_in_flight == 0
-        return True
+        return self.policy.trainer_may_start(self.channel.requests_in_flight)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from autotune.metrics import TrainerIteration
-from autotune.policy import Preemption, SharingPolicy
+from autotune.policy import BACKWARD, FORWARD, PausePlan, SharingPolicy
 from autotune.sim.contention import Contention
 from autotune.sim.costs import Tasklet, smooth_max
 from autotune.sim.events import TRAINER, Event
@@ -42,33 +42,40 @@ class Segment:
 
 
 def plan_segments(tasklets: list[Tasklet], policy: SharingPolicy) -> list[Segment]:
-    """Group one step's tasklets into segments.
+    """Group one step's tasklets into segments, cut at the policy's pause points.
 
     The forward pass's pause points count its layer and head tasklets
     (``num_layers + 1``, LLMStation's per-layer yields; the embeddings run
     with the first layer); the backward pass's count its layer tasklets. A
-    pause point falls after every N counted tasklets of a pass and at the
-    pass's end, so a pass of n tasklets has ceil(n / N) of them.
+    pass with no pause point is one segment; the optimizer step is the last.
     """
     forward = [t for t in tasklets if t.name == "embed" or t.name.endswith(".fwd") or t.name == "head_loss"]
     backward = [t for t in tasklets if t.name.endswith(".bwd")]
     rest = [t for t in tasklets if t.name == "optimizer"]
     assert len(forward) + len(backward) + len(rest) == len(tasklets), [t.name for t in tasklets]
-    if policy.preemption is Preemption.TASKLET:
-        # The embeddings do not count: they are issued with the first layer.
-        fwd_groups = _groups(forward[1:], policy.forward_tasklets)
-        fwd_groups[0] = [forward[0], *fwd_groups[0]]
-        segments = [_segment(g, policy.forward_wait_s) for g in fwd_groups]
-        segments += [_segment(g, policy.backward_wait_s) for g in _groups(backward, policy.backward_tasklets)]
-    else:
-        segments = [_segment(forward, None), _segment(backward, None)]
+    # The embeddings do not count: they are issued with the first layer.
+    segments = _pass_segments(forward[1:], FORWARD, policy.pause_plan, carried=forward[:1])
+    segments += _pass_segments(backward, BACKWARD, policy.pause_plan)
     if rest:
         segments.append(_segment(rest, None))
     return segments
 
 
-def _groups(items: list[Tasklet], n: int) -> list[list[Tasklet]]:
-    return [items[i:i + n] for i in range(0, len(items), n)]
+def _pass_segments(counted: list[Tasklet], pass_name: str, plan: PausePlan,
+                   carried: list[Tasklet] | None = None) -> list[Segment]:
+    """One pass's segments: a cut after each counted tasklet with a pause
+    point; ``carried`` tasklets run at the start of the first segment."""
+    segments: list[Segment] = []
+    group = list(carried or [])
+    for i, t in enumerate(counted):
+        group.append(t)
+        wait_s = plan.wait_after_s(pass_name, i, len(counted))
+        if wait_s is not None:
+            segments.append(_segment(group, wait_s))
+            group = []
+    if group:
+        segments.append(_segment(group, None))
+    return segments
 
 
 def _segment(group: list[Tasklet], pause_wait_s: float | None) -> Segment:

@@ -22,7 +22,7 @@ if str(REPO) not in sys.path:  # ``benchmarks`` is a folder of the repository, n
 from autotune.backends import make_backend  # noqa: E402
 from autotune.errors import UserError  # noqa: E402
 from autotune.figures import get_figure  # noqa: E402
-from autotune.policy import SAMPLE_TOKENS, Preemption  # noqa: E402
+from autotune.policy import SAMPLE_TOKENS, PausePlan  # noqa: E402
 from autotune.study import (  # noqa: E402
     StudyConfig,
     _build_workload,
@@ -231,7 +231,8 @@ def test_spec_for_matches_a_prepared_study(tmp_path):
     alone = spec_for(s, TrialKind.TRAINER_ALONE, 0)
     assert alone.workload is None and alone.params == {}
     assert alone.policy.trainer_mps_active_thread_pct == 100
-    assert alone.policy.trainer_seq_len_tokens == SAMPLE_TOKENS and alone.policy.preemption is Preemption.NONE
+    assert (alone.policy.trainer_seq_len_tokens, alone.policy.pause_plan, alone.policy.arrival_gate) == (
+        SAMPLE_TOKENS, PausePlan(), None)
     serving = spec_for(s, TrialKind.SERVING_ALONE, 0)
     assert serving.policy == get_system("llmstation").policy(get_system("llmstation").default_params())
     assert serving.workload == spec_for(s, TrialKind.COLOCATED, 0).workload

@@ -30,18 +30,18 @@ from autotune.gpu.distributed import RankInfo, TrainerRanks, rank_env, rank_path
 from autotune.gpu.procs import ProcessRegistry, is_alive  # noqa: E402
 from autotune.gpu.trainer import EXIT_OOM, TrainerConfig, build_model, read_iteration_log, trainer_command  # noqa: E402
 from autotune.models import PRESETS  # noqa: E402
-from autotune.policy import Preemption, SharingPolicy  # noqa: E402
+from autotune.policy import ArrivalGate, PausePlan, SharingPolicy  # noqa: E402
 
 from tiny_model import TINY  # noqa: E402
 
 SEQ = 16  # tokens per sample
 WAIT_S = 120.0  # bound on every multi-process wait: a deadlock fails, it does not hang
 LLMSTATION = SharingPolicy(
-    mps=True, gpu_memory_utilization=0.75, trainer_seq_len_tokens=SEQ, preemption=Preemption.TASKLET,
-    forward_tasklets=1, forward_wait_s=0.001, backward_tasklets=1, backward_wait_s=0.001,
+    mps=True, gpu_memory_utilization=0.75, trainer_seq_len_tokens=SEQ,
+    pause_plan=PausePlan(forward_tasklets=1, forward_wait_s=0.001, backward_tasklets=1, backward_wait_s=0.001),
 )
 FINEINFER = SharingPolicy(mps=False, gpu_memory_utilization=0.75, trainer_seq_len_tokens=SEQ,
-                          preemption=Preemption.ITERATION, defer_s=0.01, iteration_poll_s=0.01)
+                          arrival_gate=ArrivalGate(defer_s=0.01, poll_s=0.01))
 
 
 # ---------------------------------------------------------------- FSDP2 step = one process on the global batch

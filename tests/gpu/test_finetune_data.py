@@ -27,7 +27,7 @@ from autotune.gpu.finetune_data import (  # noqa: E402
     tokenize_sample,
 )
 from autotune.gpu.trainer import TrainerConfig, read_iteration_log, run, training_batches  # noqa: E402
-from autotune.policy import Preemption, SharingPolicy  # noqa: E402
+from autotune.policy import SharingPolicy  # noqa: E402
 from tiny_model import TINY  # noqa: E402
 
 IGNORE = CROSS_ENTROPY_IGNORE_IDX
@@ -267,7 +267,7 @@ def test_the_backend_takes_the_models_tokenizer(data: Path, tok_dir: Path, tmp_p
         _finetune_inputs(tmp_path / "missing.json", tok_dir)
 
 
-FREE = SharingPolicy(mps=True, gpu_memory_utilization=0.45, trainer_seq_len_tokens=32, preemption=Preemption.NONE)
+FREE = SharingPolicy(mps=True, gpu_memory_utilization=0.45, trainer_seq_len_tokens=32)
 
 
 def test_training_batches_choose_the_source(data: Path, tok_dir: Path) -> None:

@@ -16,7 +16,7 @@ from aiohttp import web  # noqa: E402
 from autotune.gpu.channel import Channel  # noqa: E402
 from autotune.gpu.loadgen import prompt_token_ids, replay, tokens_in_chunk  # noqa: E402
 from autotune.metrics import serving_metrics  # noqa: E402
-from autotune.policy import Preemption, SharingPolicy  # noqa: E402
+from autotune.policy import ArrivalGate, SharingPolicy  # noqa: E402
 from autotune.workloads.spec import RequestSpec, Workload  # noqa: E402
 
 TOL_S = 0.015  # client vs server readings of one event (one event loop; a few ms unless the CPU is swamped)
@@ -198,8 +198,7 @@ def test_progress_reports_fractions_finished():
     assert fractions == [0.5, 1.0]
 
 
-FINEINFER = SharingPolicy(mps=False, gpu_memory_utilization=0.75, preemption=Preemption.ITERATION,
-                          defer_s=0.04, iteration_poll_s=0.005)
+FINEINFER = SharingPolicy(mps=False, gpu_memory_utilization=0.75, arrival_gate=ArrivalGate(defer_s=0.04, poll_s=0.005))
 
 
 def test_gate_holds_an_idle_arrival_defer_s_and_releases_joiners_together():

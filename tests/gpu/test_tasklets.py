@@ -23,6 +23,7 @@ from autotune.gpu.tasklets import (  # noqa: E402
 )
 from autotune.gpu.trainer import build_model  # noqa: E402
 from autotune.models import PRESETS, ModelConfig  # noqa: E402
+from autotune.policy import PausePlan  # noqa: E402
 
 SEQ = 24  # tokens per tiny sample
 
@@ -119,28 +120,28 @@ def one_pass(layers: int) -> list[Tasklet]:
     ]
 
 
-def pause_points(channel, **knobs) -> tuple[PausePoints, list[float], list[int]]:
+def pause_points(channel, num_layers: int, **knobs) -> tuple[PausePoints, list[float], list[int]]:
     slept: list[float] = []
     syncs: list[int] = []
-    pause = PausePoints(channel, sleep=slept.append, sync=lambda: syncs.append(1), **knobs)
+    pause = PausePoints(channel, PausePlan(**knobs), num_layers, sleep=slept.append, sync=lambda: syncs.append(1))
     return pause, slept, syncs
 
 
 def test_pause_points_every_n_tasklets_while_requests_in_flight() -> None:
     knobs = dict(forward_tasklets=8, forward_wait_s=0.005, backward_tasklets=3, backward_wait_s=0.02)
-    pause, slept, syncs = pause_points(FakeChannel([1]), **knobs)
+    pause, slept, syncs = pause_points(FakeChannel([1]), 32, **knobs)
     for tasklet in one_pass(32):  # 33 forward, 32 backward tasklets
         pause.after(tasklet)
-    # forward: after tasklets 8, 16, 24, 32; backward: after 3, 6, ..., 30
-    assert slept == [0.005] * 4 + [0.02] * 10
-    assert pause.checks == pause.pauses == 14 and len(syncs) == 14
-    assert pause.paused_s == pytest.approx(4 * 0.005 + 10 * 0.02)
+    # forward: after tasklets 8, 16, 24, 32 and the pass's end (33); backward: after 3, 6, ..., 30 and 32
+    assert slept == [0.005] * 5 + [0.02] * 11
+    assert pause.checks == pause.pauses == 16 and len(syncs) == 16
+    assert pause.paused_s == pytest.approx(5 * 0.005 + 11 * 0.02)
 
 
 def test_pause_points_check_but_never_wait_without_requests() -> None:
     knobs = dict(forward_tasklets=1, forward_wait_s=0.5, backward_tasklets=2, backward_wait_s=0.5)
     for channel in (FakeChannel([0]), NoRequests()):
-        pause, slept, syncs = pause_points(channel, **knobs)
+        pause, slept, syncs = pause_points(channel, 4, **knobs)
         for tasklet in one_pass(4):  # 5 forward, 4 backward
             pause.after(tasklet)
         assert slept == [] and pause.pauses == 0
@@ -149,7 +150,7 @@ def test_pause_points_check_but_never_wait_without_requests() -> None:
 
 def test_pause_points_wait_only_when_the_check_finds_requests() -> None:
     # in flight at the 1st and 3rd checks only
-    pause, slept, _ = pause_points(FakeChannel([2, 0, 1, 0]), forward_tasklets=2, forward_wait_s=0.01)
+    pause, slept, _ = pause_points(FakeChannel([2, 0, 1, 0]), 7, forward_tasklets=2, forward_wait_s=0.01)
     for tasklet in one_pass(7):  # 8 forward tasklets: 4 checks; backward has no pause points
         pause.after(tasklet)
     assert slept == [0.01, 0.01] and pause.checks == 4
@@ -160,7 +161,7 @@ def test_train_step_pauses_inside_the_step() -> None:
     model = tiny_model(cfg)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4)
     pause, slept, _ = pause_points(
-        FakeChannel([1]), forward_tasklets=2, forward_wait_s=0.1, backward_tasklets=1, backward_wait_s=0.2
+        FakeChannel([1]), cfg.num_layers, forward_tasklets=2, forward_wait_s=0.1, backward_tasklets=1, backward_wait_s=0.2
     )
     train_step(model, optimizer, *batch(cfg), pause=pause)
     assert slept == [0.1, 0.1, 0.2, 0.2, 0.2]

@@ -23,21 +23,25 @@ from autotune.gpu.trainer import (  # noqa: E402
     iteration_record,
     load_hf_weights,
     model_config,
-    policy_from_dict,
     read_iteration_log,
     run,
     trainer_command,
 )
 from autotune.metrics import TrainerIteration, peft_metrics  # noqa: E402
 from autotune.models import PRESETS  # noqa: E402
-from autotune.policy import Preemption, SharingPolicy  # noqa: E402
+from autotune.policy import ArrivalGate, PausePlan, SharingPolicy  # noqa: E402
 
 from tiny_model import TINY  # noqa: E402
 
 LLMSTATION = SharingPolicy(
-    mps=True, gpu_memory_utilization=0.75, trainer_seq_len_tokens=16, preemption=Preemption.TASKLET,
-    forward_tasklets=1, forward_wait_s=0.001, backward_tasklets=1, backward_wait_s=0.001,
+    mps=True, gpu_memory_utilization=0.75, trainer_seq_len_tokens=16,
+    pause_plan=PausePlan(forward_tasklets=1, forward_wait_s=0.001, backward_tasklets=1, backward_wait_s=0.001),
 )
+
+
+def gated(poll_s: float) -> SharingPolicy:
+    """FineInfer's policy, its gate polling every ``poll_s``."""
+    return SharingPolicy(mps=False, gpu_memory_utilization=0.75, arrival_gate=ArrivalGate(0.01, poll_s))
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -103,7 +107,7 @@ class FakeChannel:
 def test_iteration_gate_waits_while_requests_are_in_flight() -> None:
     channel = FakeChannel([3, 1, 0])
     slept: list[float] = []
-    assert enter_iteration(channel, 0.005, lambda: False, sleep=slept.append)
+    assert enter_iteration(channel, gated(0.005), lambda: False, sleep=slept.append)
     assert slept == [0.005, 0.005]
     # raised before each look at the count, lowered when it found requests
     assert channel.flags == [True, False, True, False, True]
@@ -113,7 +117,7 @@ def test_iteration_gate_gives_up_when_asked_to_stop() -> None:
     channel = FakeChannel([1])
     slept: list[float] = []
     stops = iter([False, False, True])
-    assert not enter_iteration(channel, 0.01, lambda: next(stops), sleep=slept.append)
+    assert not enter_iteration(channel, gated(0.01), lambda: next(stops), sleep=slept.append)
     assert slept == [0.01, 0.01] and channel.flags[-1] is False
 
 
@@ -131,7 +135,6 @@ def test_config_round_trips(tmp_path: Path) -> None:
     config.write(tmp_path / "c.json")
     back = TrainerConfig.read(tmp_path / "c.json")
     assert back == config and back.sharing_policy() == LLMSTATION and back.seq_len() == 16
-    assert policy_from_dict(LLMSTATION.to_dict()).preemption is Preemption.TASKLET
     assert trainer_command("c.json")[1:] == ["-m", "autotune.gpu.trainer", "--config", "c.json"]
 
 
@@ -158,7 +161,7 @@ def test_run_logs_measured_steps_and_pays_pause_checks_alone(tmp_path: Path, cap
 
 def test_run_marks_iterations_and_stops_on_the_channel(tmp_path: Path) -> None:
     fineinfer = SharingPolicy(mps=False, gpu_memory_utilization=0.75, trainer_seq_len_tokens=8,
-                              preemption=Preemption.ITERATION, defer_s=0.01, iteration_poll_s=0.0)
+                              arrival_gate=ArrivalGate(defer_s=0.01, poll_s=0.0))
     channel = FakeChannel([0], stop_after_checks=4)
     config = TrainerConfig(model=tiny_folder(tmp_path), policy=fineinfer.to_dict(), device="cpu", warmup_steps=0)
     counts = run(config, channel, lambda: False)
