@@ -258,7 +258,7 @@ def test_gate_waits_for_the_trainer_iteration_and_counts_held_requests():
     assert seen[0].received_s - result.records[0].send_s >= 0.1
 
 
-def test_no_gate_without_iteration_preemption():
+def test_no_gate_without_an_arrival_gate():
     policy = SharingPolicy(mps=True, gpu_memory_utilization=0.45)
     result, seen = run(stream_plan(0.005, 0.005), [RequestSpec(0.0, 3, 2)], policy=policy)
     assert seen[0].received_s - result.records[0].send_s < TOL_S
