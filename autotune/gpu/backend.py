@@ -146,10 +146,28 @@ class GpuBackend(Backend):
     def hardware(self) -> str:
         return hardware_profile(self._gpu, self._gpu_mem_mib, self.gpus, self.gpu_mem_gb)
 
+    def identity(self) -> dict[str, Any]:
+        """What of this backend changes a measurement: the GPU, and each choice
+        that changes what runs on it. A choice appears only where it is not the
+        default, so that studies stored before it was recorded resume as they were."""
+        chosen = {
+            "gpus": self.gpus if self.gpus != 1 else None,
+            "gpu_mem_gb": self.gpu_mem_gb,
+            "mps": False if not self.use_mps else None,
+            "vllm_args": list(self.vllm_args) or None,  # the server's flags beyond the system's
+            "model_path": str(self.model_path) if self.model_path is not None else None,  # real weights
+            "finetune_data": str(self.finetune_data) if self.finetune_data is not None else None,
+        }
+        return {"hardware": self.hardware, **{k: v for k, v in chosen.items() if v is not None}}
+
     def cache_key(self) -> str:
+        """Reference runs are reused only by studies whose backend choices match (the identity's)."""
         key = f"gpu:{self._gpu}"  # one GPU, all its memory: the key reference runs were cached under
         if self.gpus != 1 or self.gpu_mem_gb is not None:
             key += f":gpus={self.gpus}:gpu_mem_gb={self.gpu_mem_gb if self.gpu_mem_gb is not None else 'all'}"
+        rest = {k: v for k, v in self.identity().items() if k not in ("hardware", "gpus", "gpu_mem_gb")}
+        if rest:
+            key += ":" + hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()[:10]
         return key
 
     def describe(self) -> dict[str, Any]:

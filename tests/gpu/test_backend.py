@@ -183,3 +183,18 @@ def test_one_real_study_on_the_gpu(tmp_path):
         assert t.user_attrs["outcome"] in ("feasible", "infeasible"), t.user_attrs.get("error")
         assert t.user_attrs["metrics"]["peft_samples_per_s"] > 0
         assert t.user_attrs["metrics"]["completed"] > 0
+
+
+def test_identity_and_reference_cache_hold_every_choice_that_changes_a_measurement(tmp_path):
+    plain = _cpu_backend(tmp_path)
+    plain.use_mps = True
+    plain.model_path = None
+    assert plain.identity() == {"hardware": plain.hardware}  # as stored by studies before the choices were
+    assert plain.cache_key() == "gpu:NVIDIA H200"
+    flagged = _cpu_backend(tmp_path, ("--enable-prefix-caching",))
+    flagged.use_mps, flagged.model_path = True, None
+    no_mps = _cpu_backend(tmp_path)
+    no_mps.use_mps, no_mps.model_path = False, None
+    assert flagged.identity()["vllm_args"] == ["--enable-prefix-caching"] and no_mps.identity()["mps"] is False
+    keys = {b.cache_key() for b in (plain, flagged, no_mps)}
+    assert len(keys) == 3  # a reference measured with other server flags or without MPS is not reused
