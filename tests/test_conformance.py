@@ -1,9 +1,13 @@
-"""Every registered system passes the conformance checks, on its own and on
-the simulator backend."""
+"""Every registered system passes the conformance checks on its own; every
+backend (the simulator, plain and noisy; the GPU under the ``gpu`` marker)
+passes ``BackendConformance`` for every system; every storage kind (SQLite,
+journal, PostgreSQL where ``AUTOTUNE_TEST_POSTGRES_URL`` is set) passes
+``StorageConformance``."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 
@@ -11,13 +15,10 @@ from autotune.backends import make_backend
 from autotune.knobs import Knob
 from autotune.models import from_name
 from autotune.systems import SYSTEMS, get_system
-from autotune.testing.conformance import check_backend, check_system, small_workload
-
-
-@pytest.fixture(scope="module")
-def sim():
-    with make_backend("sim") as backend:
-        yield backend
+from autotune.testing.conformance import check_system, small_workload
+from autotune.testing.pytest_backends import BackendConformance
+from autotune.testing.pytest_storages import StorageConformance
+from tests.test_storage import POSTGRES_ENV
 
 
 @pytest.mark.parametrize("name", list(SYSTEMS))
@@ -25,14 +26,54 @@ def test_system_conforms(name):
     check_system(get_system(name))
 
 
-@pytest.mark.parametrize("name", list(SYSTEMS))
-def test_system_conforms_on_the_simulator(sim, name):
-    results = check_backend(sim, get_system(name), from_name("llama-3.1-8b"), small_workload())
-    # Sharing costs something: beside the trainer, serving is no faster than alone,
-    # and the trainer beside serving is slower than alone.
-    alone, both = results["serving_alone"].serving, results["colocated"].serving
-    assert both.tpot.mean_ms >= alone.tpot.mean_ms * 0.99
-    assert results["colocated"].peft.peft_samples_per_s < results["trainer_alone"].peft.peft_samples_per_s
+class TestSimBackend(BackendConformance):
+    @pytest.fixture
+    def backend_factory(self):
+        return lambda: make_backend("sim")
+
+
+class TestNoisySimBackend(BackendConformance):
+    noisy = True
+
+    @pytest.fixture
+    def backend_factory(self):
+        return lambda: make_backend("sim", noise=0.05)
+
+
+@pytest.mark.gpu
+class TestGpuBackend(BackendConformance):
+    noisy = True
+
+    @pytest.fixture
+    def backend_factory(self, tmp_path):
+        pytest.importorskip("vllm")
+        return lambda: make_backend("gpu", runs_dir=tmp_path)
+
+    @pytest.fixture
+    def model(self):
+        return from_name("llama-3.2-1b")
+
+
+class TestSqliteStorage(StorageConformance):
+    @pytest.fixture
+    def storage_url(self, tmp_path):
+        return f"sqlite:///{tmp_path / 'studies.db'}"
+
+
+class TestJournalStorage(StorageConformance):
+    @pytest.fixture
+    def storage_url(self, tmp_path):
+        return str(tmp_path / "studies.log")
+
+
+class TestPostgresqlStorage(StorageConformance):
+    @pytest.fixture
+    def storage_url(self):
+        url = os.environ.get(POSTGRES_ENV)
+        if not url:
+            pytest.skip(f"{POSTGRES_ENV} is not set (.ci/run starts a PostgreSQL server and sets it)")
+        pytest.importorskip("psycopg")
+        return url  # each test's studies have names of their own
 
 
 def test_small_workload_is_deterministic_per_seed():
