@@ -5,15 +5,13 @@ model from it and, with ``--load-format dummy``, fills random weights), a
 ``generation_config.json`` and, optionally, a WordLevel tokenizer with one
 token per id (``t0``, ``t1``, ...), which lets the server run with a tokenizer
 and ``vllm bench serve`` run against it. Adapters are in PEFT format with
-random weights of the right shapes, written as bf16 safetensors by a small
-writer here (the format: 8-byte little-endian header length, a JSON header,
-raw bytes).
+random weights of the right shapes, written as bf16 safetensors by the
+safetensors library.
 """
 
 from __future__ import annotations
 
 import json
-import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -88,36 +86,14 @@ def write_tokenizer(folder: Path, vocab_size: int) -> None:
     })
 
 
-def to_bf16_bits(a: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bit patterns (uint16), rounded to nearest even."""
-    bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    bits += 0x7FFF + ((bits >> 16) & 1)
-    return (bits >> 16).astype(np.uint16)
-
-
 def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray]) -> None:
-    """Write float tensors as bf16 safetensors (keys in the given order)."""
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    blobs = []
-    offset = 0  # bytes into the data section
-    for name, array in tensors.items():
-        blob = to_bf16_bits(array).tobytes()
-        header[name] = {"dtype": "BF16", "shape": list(array.shape), "data_offsets": [offset, offset + len(blob)]}
-        blobs.append(blob)
-        offset += len(blob)
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)  # the data section starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(head)))
-        f.write(head)
-        for blob in blobs:
-            f.write(blob)
+    """Write float tensors as bf16 safetensors (rounded to nearest even), with
+    the safetensors library's own writer."""
+    import torch  # the GPU extra's; numpy has no bfloat16
+    from safetensors.torch import save_file
 
-
-def read_safetensors_header(path: Path) -> dict[str, Any]:
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(length))
+    save_file({name: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(torch.bfloat16)
+               for name, a in tensors.items()}, str(path), metadata={"format": "pt"})
 
 
 def adapter_name(index: int) -> str:

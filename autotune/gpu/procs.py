@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+import psutil
+
 _POLL_S = 0.05  # how often a group is checked while it shuts down
 
 
@@ -35,32 +37,23 @@ def start_group(argv: Sequence[str], log_path: Path, env: Mapping[str, str] | No
         )
 
 
-def _stat_fields(pid: int | str) -> list[bytes] | None:
-    """The fields of /proc/PID/stat after "pid (comm)", or None if it has ended.
-    comm may hold spaces and parens, so split after its last ")"."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:  # it ended while we looked
-        return None
-    return stat[stat.rindex(b")") + 2:].split()  # [state, ppid, pgrp, ...]
-
-
 def is_alive(pid: int) -> bool:
     """The process exists and is not a zombie."""
-    fields = _stat_fields(pid)
-    return fields is not None and fields[0] != b"Z"
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def group_members(pgid: int) -> list[int]:
-    """Live (not zombie) processes of process group ``pgid``, from /proc."""
+    """Live (not zombie) processes of process group ``pgid``."""
     members = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                members.append(proc.pid)
+        except (psutil.NoSuchProcess, ProcessLookupError):  # it ended while we looked
             continue
-        fields = _stat_fields(entry.name)
-        if fields is not None and fields[0] != b"Z" and int(fields[2]) == pgid:
-            members.append(int(entry.name))
     return members
 
 

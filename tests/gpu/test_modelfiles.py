@@ -3,18 +3,11 @@ import json
 import numpy as np
 import pytest
 
-from autotune.gpu.modelfiles import (
-    adapter_name, read_safetensors_header, to_bf16_bits, token_text, write_lora_adapters,
-    write_model_folder, write_safetensors,
-)
+from autotune.gpu.modelfiles import adapter_name, token_text, write_lora_adapters, write_model_folder, write_safetensors
 from autotune.models import ModelConfig, from_name
 
 TINY = ModelConfig(name="tiny", hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                    num_kv_heads=2, head_dim=8, vocab_size=300, rope_theta=10000.0)
-
-
-def _bf16_to_f32(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
 def test_model_folder_holds_the_preset_config(tmp_path):
@@ -46,11 +39,14 @@ def test_tokenizer_loads_with_transformers(tmp_path):
     assert tok("<s> t3 </s>")["input_ids"] == [1, 3, 2]
 
 
-def test_bf16_rounds_to_nearest_even():
+def test_bf16_rounds_to_nearest_even(tmp_path):
+    torch = pytest.importorskip("torch")
+    safetensors_torch = pytest.importorskip("safetensors.torch")
     x = np.array([1.0, -2.0, 1 + 2**-8, 1 + 3 * 2**-8, 3.14159], dtype=np.float32)
-    bits = to_bf16_bits(x)
-    assert bits[:4].tolist() == [0x3F80, 0xC000, 0x3F80, 0x3F82]
-    assert abs(_bf16_to_f32(bits)[4] - 3.14159) < 2**-7 * 3.14159
+    write_safetensors(tmp_path / "x.safetensors", {"x": x})
+    back = safetensors_torch.load_file(str(tmp_path / "x.safetensors"))["x"]
+    assert back.view(torch.int16).tolist()[:4] == [0x3F80, -0x4000, 0x3F80, 0x3F82]  # 0xC000 as int16
+    assert abs(back.float()[4].item() - 3.14159) < 2**-7 * 3.14159
 
 
 def test_safetensors_layout(tmp_path):
@@ -80,9 +76,11 @@ def test_lora_adapters_in_peft_format(tmp_path):
     assert (cfg["peft_type"], cfg["r"], cfg["lora_alpha"]) == ("LORA", 4, 8)
     assert cfg["target_modules"] == ["q_proj", "k_proj", "v_proj"]
     path = folder / "adapter_model.safetensors"
-    header = read_safetensors_header(path)
-    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    safetensors = pytest.importorskip("safetensors")
+    with safetensors.safe_open(str(path), framework="numpy") as f:
+        tensors = {k: {"shape": f.get_slice(k).get_shape(), "dtype": f.get_slice(k).get_dtype()} for k in f.keys()}
     assert len(tensors) == 2 * 3 * 2  # layers x (q, k, v) x (A, B)
+    assert {t["dtype"] for t in tensors.values()} == {"BF16"}
     p = "base_model.model.model.layers.1.self_attn"
     assert tensors[f"{p}.q_proj.lora_A.weight"]["shape"] == [4, 32]  # [rank, hidden]
     assert tensors[f"{p}.q_proj.lora_B.weight"]["shape"] == [32, 4]  # [heads x head_dim, rank]
