@@ -78,7 +78,11 @@ def ranked_feasible(rows: Sequence[TrialRow]) -> list[TrialRow]:
 def best_feasible(rows: Sequence[TrialRow]) -> TrialRow | None:
     """The feasible trial with the highest PEFT throughput (lowest number on
     ties): a study's answer, and its point in a figure; None where no trial
-    met the SLO."""
+    met the SLO. For a study of one objective it is the trial Optuna's
+    feasibility-aware ``study.best_trial`` returns (the conformance suite
+    checks it on every storage kind); it is computed from rows because the
+    live table, the figures and the confirmation ranking read rows, not a
+    study, and a pareto study has no ``best_trial``."""
     ranked = ranked_feasible(rows)
     return ranked[0] if ranked else None
 

@@ -30,6 +30,17 @@ Order: a permutation of the samples drawn from ``seed`` each pass over the
 file (the same on every rank), rank r of N taking every N-th of it, so the
 ranks' samples are disjoint within a pass; the passes repeat endlessly.
 Samples are tokenized as they are reached, so start-up costs only the JSON.
+
+Why not torchtune's ``alpaca_dataset(..., packed=True)`` and ``PackedDataset``
+(torchtune 0.6.1): ``alpaca_dataset`` takes a torchtune ``ModelTokenizer``
+(``tokenize_messages``), and the only tokenizer.json reader torchtune ships,
+``HuggingFaceBaseTokenizer``, is not one, so a model folder's tokenizer.json
+(or a preset's generated one) cannot drive it; it reads the file through
+Hugging Face ``datasets`` (not a dependency of the GPU extra); and
+``PackedDataset`` tokenizes and packs the whole file when it is built (all of
+Alpaca-cleaned before the first step, inside the trial's measured time) and
+pads its last pack. The template and the labels above are torchtune's, so the
+tokens are the ones its recipe would train on.
 """
 
 from __future__ import annotations
