@@ -15,13 +15,13 @@ import importlib
 from typing import Any
 
 _PUBLIC = {
-    "StudyConfig": "autotune.study",
+    "StudyConfig": "autotune.context",
     "run_study": "autotune.study",
     "make_backend": "autotune.backends",
     "Backend": "autotune.backends",
     "SloSpec": "autotune.slo",
     "StudyResult": "autotune.results",
-    "TrialRow": "autotune.results",
+    "TrialRow": "autotune.records",
     "load_result": "autotune.results",
     "tradeoff_curve": "autotune.results",
     "get_system": "autotune.systems",

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime, timezone
 
 from autotune.errors import UserError
-from autotune.models import ModelConfig
+from autotune.models import ModelConfig, resolve_model
 from autotune.sim.backend import SimBackend
 from autotune.sim.fit import Fit, Param, Target, fit
 from autotune.sim.profile import MEASURED_SECTIONS, Profile, is_carried
@@ -267,8 +267,6 @@ def measurements_json(plan: Plan, machine: Mapping[str, object], base: str, meas
 
 def load_measurements(text: str, where: str) -> tuple[Plan, dict[str, object], str, list[Measured]]:
     """(plan, machine, base profile, measured) from ``measurements_json``'s text; UserError if malformed."""
-    from autotune.models import resolve_model
-
     try:
         data = json.loads(text)
         p = data["plan"]

@@ -20,99 +20,31 @@ rebuilds every table.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from autotune.slo import ResolvedSlo, constraint_margins, feasible
-from autotune.trial import TrialKind, TrialResult, TrialSpec
+from autotune.context import StudyContext, StudyObserver, build_workload_for
+from autotune.records import (CANDIDATES, CONFIRM_SEEDS_ATTR, CONFIRMATIONS_ATTR, Confirmation, TrialRow,
+                              load_confirmations, setting_records, verdict)
+from autotune.results import StudyResult
+from autotune.trial import TrialKind, TrialSpec
 
-if TYPE_CHECKING:  # the study and results modules import this one
-    from autotune.results import TrialRow
-    from autotune.study import StudyContext, StudyObserver
-
-#: Distinct settings tried, at most, before giving up.
-CANDIDATES = 3
 #: Fresh workloads use seeds ``study seed + SEED_OFFSET + 1 .. n``: far from the
 #: study's own seed and from the small seeds users pick for other studies.
 SEED_OFFSET = 1_000_000
-#: Study user attributes: the records, and the workload seeds of the latest request.
-ATTR = "confirmations"
-ATTR_SEEDS = "confirm_workload_seeds"
-
-
-@dataclass(frozen=True)
-class Confirmation:
-    """One re-run of a trial's setting on a fresh workload."""
-
-    workload_seed: int
-    outcome: str  # feasible | infeasible | crashed
-    metrics: dict[str, float] = field(default_factory=dict)
-    constraints: dict[str, float] = field(default_factory=dict)  # signed margins, <= 0 met
-    error: str | None = None
-
-    @property
-    def feasible(self) -> bool:
-        return self.outcome == "feasible"
-
-    @classmethod
-    def of(cls, result: TrialResult, slo: ResolvedSlo, workload_seed: int) -> Confirmation:
-        margins = constraint_margins(result, slo)
-        outcome = "crashed" if result.crashed else ("feasible" if feasible(margins) else "infeasible")
-        return cls(workload_seed, outcome, result.metrics(), margins, result.error)
-
-    def measured_text(self) -> str:
-        """What the re-run measured, e.g. ``P99 TTFT 50.0 ms, P99 TPOT 8.00 ms, 1.500 samples/s``."""
-        if self.error is not None:
-            return f"crashed: {self.error}"
-        m = self.metrics
-        return (f"P99 TTFT {m.get('ttft_p99_ms', float('nan')):.1f} ms, P99 TPOT {m.get('tpot_p99_ms', float('nan')):.2f} ms, "
-                f"{m.get('peft_samples_per_s', 0):.3f} samples/s")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"workload_seed": self.workload_seed, "outcome": self.outcome, "metrics": self.metrics,
-                "constraints": self.constraints, "error": self.error}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Confirmation:
-        return cls(int(d["workload_seed"]), str(d["outcome"]), dict(d.get("metrics", {})),
-                   dict(d.get("constraints", {})), d.get("error"))
 
 
 def workload_seeds(study_seed: int, n: int) -> list[int]:
     return [study_seed + SEED_OFFSET + i for i in range(1, n + 1)]
 
 
-def load(user_attrs: Mapping[str, Any]) -> dict[int, list[Confirmation]]:
-    """The stored confirmations, by trial number."""
-    return {int(k): [Confirmation.from_dict(c) for c in v] for k, v in user_attrs.get(ATTR, {}).items()}
-
-
-def setting_records(rows: Sequence[TrialRow], stored: Mapping[int, Sequence[Confirmation]],
-                    params: Mapping[str, float]) -> list[Confirmation]:
-    """Every confirmation of one setting: trials that repeat a setting share them."""
-    return [c for r in rows if r.params == params for c in stored.get(r.number, [])]
-
-
-def verdict(records: Sequence[Confirmation], seeds: Sequence[int]) -> bool | None:
-    """True: met the SLO on the fresh workloads of all ``seeds``; False: missed
-    on one of them; None: not run on all of them yet."""
-    relevant = [c for c in records if c.workload_seed in seeds]
-    if any(not c.feasible for c in relevant):
-        return False
-    return True if {c.workload_seed for c in relevant} >= set(seeds) else None
-
-
 def confirm(ctx: StudyContext, n: int, observer: StudyObserver) -> None:
     """Run the confirmations the study lacks (see the module's doc)."""
-    from autotune.results import StudyResult
-    from autotune.study import build_workload_for
-
     if n <= 0 or ctx.workload is None or ctx.slo is None:
         return
     study = ctx.study
     seeds = workload_seeds(ctx.config.seed, n)
-    study.set_user_attr(ATTR_SEEDS, seeds)
-    stored = load(study.user_attrs)
+    study.set_user_attr(CONFIRM_SEEDS_ATTR, seeds)
+    stored = load_confirmations(study.user_attrs)
     result = StudyResult.of(study)
     workloads: dict[int, Any] = {}
     for row in distinct_settings(result.ranked_feasible())[:CANDIDATES]:
@@ -134,7 +66,7 @@ def confirm(ctx: StudyContext, n: int, observer: StudyObserver) -> None:
             observer.on_confirm_start(ctx, row.number, row.params, index, n)
             record = Confirmation.of(ctx.backend.run_trial(spec, observer.on_progress), ctx.slo, seed)
             records.append(record)
-            study.set_user_attr(ATTR, {str(k): [c.to_dict() for c in v] for k, v in stored.items() if v})
+            study.set_user_attr(CONFIRMATIONS_ATTR, {str(k): [c.to_dict() for c in v] for k, v in stored.items() if v})
             observer.on_confirm_end(ctx, row.number, record)
         if verdict(setting_records(result.rows, stored, row.params), seeds):
             return  # lower settings cannot beat a confirmed one

@@ -14,9 +14,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
-from autotune.confirm import Confirmation
-from autotune.results import TrialRow, _fmt, best_feasible, format_params
-from autotune.study import StudyContext, StudyObserver
+from autotune.context import StudyContext, StudyObserver
+from autotune.records import Confirmation, TrialRow
+from autotune.results import _fmt, best_feasible, format_params
 
 #: Rows shown at most; the best feasible trial is always among them.
 MAX_ROWS = 25

@@ -16,59 +16,10 @@ from typing import Any
 
 import optuna
 
-from autotune.confirm import ATTR_SEEDS, CANDIDATES, Confirmation, setting_records, verdict
-from autotune.confirm import load as load_confirmations
 from autotune.errors import EnvironmentFailure, UserError, os_error
-from autotune.trial import Outcome
-
-@dataclass(frozen=True)
-class TrialRow:
-    number: int
-    state: str  # Optuna's: COMPLETE, FAIL, RUNNING, ...
-    outcome: Outcome
-    params: dict[str, float]
-    metrics: dict[str, float]
-    constraints: dict[str, float]  # signed relative margins, <= 0 met
-    error: str | None = None
-
-    @property
-    def feasible(self) -> bool:
-        return self.outcome == Outcome.FEASIBLE
-
-    @property
-    def peft_samples_per_s(self) -> float:
-        return self.metrics.get("peft_samples_per_s", 0.0)
-
-    @classmethod
-    def of(cls, t: optuna.trial.FrozenTrial) -> TrialRow:
-        constraints = {k: float(v) for k, v in t.constraints.items()}  # Optuna 5: set_constraint's
-        if t.state == optuna.trial.TrialState.RUNNING:
-            outcome = Outcome.RUNNING
-        else:
-            outcome = Outcome(t.user_attrs.get("outcome", Outcome.FAILED))
-            if t.state == optuna.trial.TrialState.FAIL and outcome not in (Outcome.INTERRUPTED, Outcome.FAILED):
-                outcome = Outcome.FAILED  # measured, but not stored whole: never counted feasible
-        return cls(
-            number=t.number,
-            state=t.state.name,
-            outcome=outcome,
-            params=dict(t.params),
-            metrics=dict(t.user_attrs.get("metrics", {})),
-            constraints=constraints,
-            error=t.user_attrs.get("error"),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "number": self.number,
-            "state": self.state,
-            "outcome": str(self.outcome),
-            "params": self.params,
-            "metrics": self.metrics,
-            "constraints": self.constraints,
-            "error": self.error,
-        }
-
+from autotune.records import (CANDIDATES, CONFIRM_SEEDS_ATTR, Confirmation, TrialRow, load_confirmations,
+                              setting_records, verdict)
+from autotune.storage import open_storage
 
 def ranked_feasible(rows: Sequence[TrialRow]) -> list[TrialRow]:
     """Feasible trials, highest PEFT throughput first (lowest number on ties)."""
@@ -146,7 +97,7 @@ class StudyResult:
             references=dict(attrs.get("references", {})),
             rows=tuple(TrialRow.of(t) for t in study.get_trials(deepcopy=False)),
             confirmations=load_confirmations(attrs),
-            confirm_seeds=tuple(int(x) for x in attrs.get(ATTR_SEEDS, ())),
+            confirm_seeds=tuple(int(x) for x in attrs.get(CONFIRM_SEEDS_ATTR, ())),
             objective="pareto" if len(study.directions) > 1 else "peft",
             pareto_numbers=tuple(sorted(t.number for t in study.best_trials)) if len(study.directions) > 1 else (),
         )
@@ -287,8 +238,6 @@ def tradeoff_curve(rows: Sequence[TrialRow], latency: str = "tpot_p99_ms",
 def load_result(storage: str, study_name: str | None = None) -> StudyResult:
     """For notebooks: the result of a stored study (``study_name`` None: the
     storage's only study, as in a file of ``autotune figure``'s ``studies/``)."""
-    from autotune.study import open_storage
-
     backing = open_storage(storage)
     if study_name is None:
         names = optuna.get_all_study_names(backing)

@@ -22,7 +22,7 @@ import os
 import signal
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -30,23 +30,24 @@ import optuna
 from optuna.trial import TrialState
 
 from autotune.backends import Backend
-from autotune.confirm import Confirmation, confirm
+from autotune.confirm import confirm
+from autotune.context import StudyConfig, StudyContext, StudyObserver, study_workload
 from autotune.errors import EnvironmentFailure, UserError, os_error
 from autotune.figures import FigurePreset, get_figure
 from autotune.knobs import SearchSpace
+from autotune.metrics import LatencyStats, ServingMetrics
 from autotune.models import ModelConfig, resolve_model
 from autotune.distinct import DistinctSampler, sampler_seed
 from autotune.interrupts import InterruptGate
-from autotune.samplers import DEFAULT_SAMPLER, make_sampler
-from autotune.slo import CRASH_VIOLATION, ResolvedSlo, SloSpec, constraint_margins, feasible, resolve
+from autotune.samplers import make_sampler
+from autotune.slo import CRASH_VIOLATION, ResolvedSlo, constraint_margins, feasible, resolve
 from autotune.storage import (OWNER_ATTR, FolderLock, abandon, create_study, fail_abandoned, folder_lock,
                               heartbeats_on, hide_password, is_storage_failure, open_storage, owner_alive,
                               owner_tag, storage_reason)
-from autotune.systems import System, get_system
-from autotune.trial import LoraServing, Outcome, TrialKind, TrialResult, TrialSpec
+from autotune.systems import get_system
+from autotune.trial import Outcome, TrialKind, TrialResult, TrialSpec
 from autotune.workloads.spec import Workload
 
-DEFAULT_RUNS_DIR = Path("autotune-runs")
 #: Seeds NumPy takes (the samplers' random state): 0 .. 2**32 - 1.
 MAX_SEED = 2**32 - 1
 #: How often a worker with nothing to run looks again at others' trials in flight, s.
@@ -55,72 +56,8 @@ WAIT_POLL_S = 1.0
 OBJECTIVES = ("peft", "pareto")
 #: ``objective="pareto"``: the objective values' metrics and their directions, in order.
 PARETO_OBJECTIVES = (("peft_samples_per_s", "maximize"), ("ttft_p99_ms", "minimize"), ("tpot_p99_ms", "minimize"))
-
-
-@dataclass(frozen=True)
-class StudyConfig:
-    system: str
-    figure: str
-    backend: str = "sim"
-    rate_req_s: float | None = None  # None: the figure's rate for the backend's hardware
-    num_prompts: int | None = None  # None: the figure's count
-    model: str | None = None  # preset name or local path; None: the figure's
-    slo: SloSpec = field(default_factory=SloSpec)
-    sampler: str = DEFAULT_SAMPLER
-    seed: int = 0
-    storage: str | None = None  # Optuna storage URL; None: SQLite under runs_dir
-    study_name: str | None = None
-    search_space_path: Path | None = None
-    sharegpt_path: Path | None = None
-    burstgpt_path: Path | None = None
-    tokenizer_path: Path | None = None
-    lora_dist: str | None = None  # fig13: uniform | skewed | none
-    lora_rank: int = 8  # fig13: rank of the served adapters
-    trial_seconds: float | None = None  # shorten the traffic window (s)
-    warmup_s: float = 0.0  # trainer warm-up excluded from PEFT throughput
-    confirm_workloads: int = 0  # fresh workloads the best settings must also meet the SLO on (autotune.confirm)
-    runs_dir: Path = DEFAULT_RUNS_DIR
-    objective: str = "peft"  # one of OBJECTIVES
-    settings: tuple[dict[str, float], ...] = ()  # knob settings each run once, first (fig12's sweep)
-
-
-@dataclass
-class StudyContext:
-    """Everything resolved from a config, before the first trial."""
-
-    config: StudyConfig
-    system: System
-    figure: FigurePreset
-    space: SearchSpace
-    model: ModelConfig
-    rate_req_s: float
-    rate_basis: str  # "h100-80gb preset", "--rate"
-    workload: Workload | None
-    study: optuna.Study
-    backend: Backend
-    slo: ResolvedSlo | None = None
-    references: dict[str, dict[str, Any]] = field(default_factory=dict)
-    storage: optuna.storages.BaseStorage | None = None  # the study's, from open_storage
-
-    @property
-    def lora_serving(self) -> LoraServing | None:
-        if self.figure.lora_adapters and self.config.lora_dist not in (None, "none"):
-            return LoraServing(num_adapters=8, rank=self.config.lora_rank)
-        return None
-
-
-class StudyObserver:
-    """Hooks with do-nothing defaults; the live table and the plain printer override them."""
-
-    def on_start(self, ctx: StudyContext, n_trials: int) -> None: ...
-    def on_reference(self, ctx: StudyContext, name: str, metrics: Mapping[str, float], cached: bool) -> None: ...
-    def on_trial_start(self, ctx: StudyContext, number: int, params: Mapping[str, float]) -> None: ...
-    def on_progress(self, fraction: float, status: str) -> None: ...
-    def on_trial_end(self, ctx: StudyContext, trial: optuna.trial.FrozenTrial) -> None: ...
-    def on_confirm_start(self, ctx: StudyContext, number: int, params: Mapping[str, float], index: int,
-                         n: int) -> None: ...
-    def on_confirm_end(self, ctx: StudyContext, number: int, record: Confirmation) -> None: ...
-    def on_end(self, ctx: StudyContext) -> None: ...
+#: The name scripts and tests written before ``autotune.context`` import.
+_build_workload = study_workload
 
 
 # ---------------------------------------------------------------- storage
@@ -209,37 +146,6 @@ def check_seed(seed: int) -> None:
         raise UserError(f"--seed must be in 0..{MAX_SEED} (2**32 - 1), got {seed}")
 
 
-def _build_workload(config: StudyConfig, figure: FigurePreset, system: System, rate: float) -> Workload | None:
-    if not figure.serves:
-        return None
-    from autotune.workloads.build import WorkloadOptions, build_workload
-
-    num_prompts = config.num_prompts or figure.prompts(rate, system.prompts_per_rate)
-    lora_dist = (config.lora_dist or "uniform") if figure.lora_adapters else None
-    workload = build_workload(
-        WorkloadOptions(
-            arrivals=figure.arrivals,
-            rate_req_s=rate,
-            num_prompts=num_prompts,
-            seed=config.seed,
-            sharegpt_path=config.sharegpt_path,
-            burstgpt_path=config.burstgpt_path,
-            tokenizer_path=config.tokenizer_path,
-            lora_dist=lora_dist,
-        )
-    )
-    if config.trial_seconds is not None:
-        workload = workload.truncated(config.trial_seconds)
-        if len(workload) == 0:
-            raise UserError(f"--trial-seconds {config.trial_seconds:g} leaves no request of the workload")
-    return workload
-
-
-def build_workload_for(ctx: StudyContext, seed: int) -> Workload | None:
-    """The study's workload (figure, rate, length, files) drawn with another seed."""
-    return _build_workload(replace(ctx.config, seed=seed), ctx.figure, ctx.system, ctx.rate_req_s)
-
-
 def _workload_digest(workload: Workload | None) -> str:
     if workload is None:
         return "none"
@@ -282,7 +188,7 @@ def prepare(config: StudyConfig, backend: Backend, *, worker_id: int = 0) -> Stu
     else:
         rate, hw = figure.default_rate(backend.hardware)
         basis = f"{hw} preset" if figure.serves else "no serving"
-    workload = _build_workload(config, figure, system, rate)
+    workload = study_workload(config, figure, system, rate)
     identity = _identity(config, model, rate, workload, space, backend)
 
     check_runs_dir(config.runs_dir)  # the reference cache (and by default the database) go there
@@ -447,7 +353,6 @@ def _result_record(result: TrialResult) -> dict[str, Any]:
 
 
 def _result_from_record(record: dict[str, Any]) -> TrialResult:
-    from autotune.metrics import LatencyStats, ServingMetrics
 
     s = record["result"]["serving"]
     serving = None

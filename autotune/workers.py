@@ -40,8 +40,13 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from autotune.backends import make_backend
+from autotune.confirm import confirm
 from autotune.errors import EnvironmentFailure, Interrupted, UserError, raise_interrupted
 from autotune.interrupts import InterruptGate
+from autotune.live import PlainReporter
+from autotune.storage import OWNER_ATTR, fail_abandoned
+from autotune.study import prepare, run_references, run_study
 
 #: How often the parent reads the study and looks at its workers, s.
 POLL_INTERVAL_S = 0.5
@@ -132,10 +137,6 @@ def worker_main(job: WorkerJob) -> None:
 
 
 def _work(job: WorkerJob, log) -> int:
-    from autotune.backends import make_backend
-    from autotune.live import PlainReporter
-    from autotune.study import run_study
-
     print(f"== worker {job.slot.worker_id} (pid {os.getpid()}): until {job.until_complete} COMPLETE trials; "
           f"{dict(job.slot.env) or 'no environment of its own'}", file=log)
     try:
@@ -190,10 +191,6 @@ def run_workers(config, backend_name: str, options: Mapping[str, Any], n_trials:
     """The study with ``n_workers`` worker processes adding ``n_trials``
     COMPLETE trials to it; its context once they are done (confirmation, if
     asked for, made here after them)."""
-    from autotune.backends import make_backend
-    from autotune.confirm import confirm
-    from autotune.study import prepare, run_references
-
     with make_backend(backend_name, **options) as backend:  # released before the workers take the GPUs
         ctx = prepare(config, backend)
         observer.on_start(ctx, n_trials)
@@ -265,8 +262,6 @@ def _show(ctx, observer, seen: set[int], target: int, workers: Sequence[WorkerSt
 def _worker_ended(ctx, w: WorkerState, say) -> None:
     """A worker that ended: one that died has its trial failed (here, or
     already by another worker) and queued to run again."""
-    from autotune.storage import OWNER_ATTR, fail_abandoned
-
     code = w.process.exitcode
     if code == 0:
         return
@@ -281,8 +276,6 @@ def _worker_ended(ctx, w: WorkerState, say) -> None:
 def _stop(ctx, workers: Sequence[WorkerState], signum: int) -> None:
     """Pass the signal on once; wait for the workers to record their trials;
     kill any that does not end in ``STOP_GRACE_S``; fail what they left."""
-    from autotune.storage import fail_abandoned
-
     previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         live = [w for w in workers if w.process.is_alive()]

@@ -51,13 +51,13 @@ import numpy as np
 import optuna
 
 from autotune.backends import Backend, ProgressFn, make_backend, no_progress
-from autotune.confirm import ATTR as CONFIRMATIONS_ATTR
 from autotune.confirm import confirm
+from autotune.context import StudyConfig, StudyObserver
+from autotune.records import CONFIRMATIONS_ATTR
 from autotune.results import StudyResult
 from autotune.samplers import make_sampler
 from autotune.slo import SloSpec, constraint_margins, feasible
-from autotune.study import (StudyConfig, StudyObserver, _reference_spec, prepare, run_references, run_trials,
-                            trial_spec)
+from autotune.study import _reference_spec, prepare, run_references, run_trials, trial_spec
 from autotune.systems import get_system
 from autotune.trial import TrialKind, TrialResult, TrialSpec
 

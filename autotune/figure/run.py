@@ -45,11 +45,13 @@ from autotune.errors import EnvironmentFailure, UserError, os_error
 from autotune.figure.rows import (FIG12_TASKLETS, ONE_RATE, FigureData, FigureRow, check_figure, default_rates,
                                   figure_csv_text, figure_data, figure_text, finished_line, lora_label, lora_variants,
                                   study_row, tasklet_settings, write_text)
+from autotune.figure.plot import INSTALL_HINT, draw, have_matplotlib
 from autotune.figures import LORA_DISTS, LORA_RANKS
 from autotune.live import PlainReporter
 from autotune.results import StudyResult, load_result, write_json
 from autotune.samplers import DEFAULT_SAMPLER
 from autotune.slo import SloSpec
+from autotune.storage import open_storage
 from autotune.study import StudyConfig, default_study_name, run_study
 from autotune.systems import get_system
 
@@ -216,8 +218,6 @@ def finished_trials(storage: str, study_name: str) -> int:
     interrupted ones not); 0 where there is no study yet."""
     if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
         return 0
-    from autotune.study import open_storage
-
     backing = open_storage(storage)
     if study_name not in optuna.get_all_study_names(backing):
         return 0
@@ -304,8 +304,6 @@ def _read_only(url: str) -> tuple[optuna.storages.BaseStorage, Path | None]:
         path = Path(url.removeprefix("sqlite:///")).resolve()
         ro = f"sqlite:///file:{quote(str(path))}?mode=ro&uri=true"
         return optuna.storages.RDBStorage(ro, skip_compatibility_check=True, skip_table_creation=True), path
-    from autotune.study import open_storage
-
     return open_storage(url), None
 
 
@@ -609,8 +607,6 @@ def run_figure(request: FigureRequest, console: Console, plain: bool) -> FigureD
     check_out_dir(request.out_dir)
     options = backend_options(request)
     if request.storage is not None:  # a bad URL now, not from a worker
-        from autotune.study import open_storage
-
         open_storage(request.storage)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out = request.out_dir
@@ -675,8 +671,6 @@ def run_figure(request: FigureRequest, console: Console, plain: bool) -> FigureD
 
 def write_outputs(data: FigureData, results: Sequence[StudyResult], out: Path, console: Console) -> None:
     """FIG.csv, json/STUDY.json, FIG.png and FIG.svg; the comparison table and where they went."""
-    from autotune.figure.plot import INSTALL_HINT, draw, have_matplotlib
-
     csv_path = out / f"{data.figure}.csv"
     write_text(csv_path, figure_csv_text(data))
     for result in results:

@@ -35,10 +35,8 @@ from typing import Any
 from autotune.errors import UserError
 from autotune.figures import get_figure
 from autotune.models import from_name
+from autotune.context import StudyConfig, StudyContext, study_workload
 from autotune.study import (
-    StudyConfig,
-    StudyContext,
-    _build_workload,
     _check_figure_options,
     _reference_spec,
     _workload_digest,
@@ -206,7 +204,7 @@ def study_context(setting: Setting) -> StudyContext:
     system = get_system(setting.system)
     figure = get_figure(setting.figure)
     _check_figure_options(config, figure)
-    workload = _build_workload(config, figure, system, setting.rate_req_s)
+    workload = study_workload(config, figure, system, setting.rate_req_s)
     return StudyContext(config=config, system=system, figure=figure, space=system.search_space(),
                         model=from_name(setting.model), rate_req_s=setting.rate_req_s, rate_basis="fidelity setting",
                         workload=workload, study=None, backend=None)  # type: ignore[arg-type]

@@ -33,7 +33,8 @@ if str(_REPO) not in sys.path:  # run as a script: make ``benchmarks`` importabl
     sys.path.insert(0, str(_REPO))
 
 from autotune.errors import UserError  # noqa: E402
-from autotune.study import StudyContext, _workload_digest  # noqa: E402
+from autotune.context import StudyContext  # noqa: E402
+from autotune.study import _workload_digest  # noqa: E402
 from autotune.trial import TrialKind, TrialResult  # noqa: E402
 from benchmarks.fidelity.rows import (  # noqa: E402
     RowsFile,

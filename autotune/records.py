@@ -1,0 +1,132 @@
+"""A study's stored records, as typed objects: a trial read back from
+Optuna (``TrialRow``) and a confirmation re-run (``Confirmation``, kept on the
+study as user attributes), with the rules that read them.
+
+The confirmation runner (``autotune.confirm``) writes these records; the
+results (``autotune.results``), the live table and the notebooks read them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+
+from autotune.slo import ResolvedSlo, constraint_margins, feasible
+from autotune.trial import Outcome, TrialResult
+
+
+@dataclass(frozen=True)
+class TrialRow:
+    number: int
+    state: str  # Optuna's: COMPLETE, FAIL, RUNNING, ...
+    outcome: Outcome
+    params: dict[str, float]
+    metrics: dict[str, float]
+    constraints: dict[str, float]  # signed relative margins, <= 0 met
+    error: str | None = None
+
+    @property
+    def feasible(self) -> bool:
+        return self.outcome == Outcome.FEASIBLE
+
+    @property
+    def peft_samples_per_s(self) -> float:
+        return self.metrics.get("peft_samples_per_s", 0.0)
+
+    @classmethod
+    def of(cls, t: optuna.trial.FrozenTrial) -> TrialRow:
+        constraints = {k: float(v) for k, v in t.constraints.items()}  # Optuna 5: set_constraint's
+        if t.state == optuna.trial.TrialState.RUNNING:
+            outcome = Outcome.RUNNING
+        else:
+            outcome = Outcome(t.user_attrs.get("outcome", Outcome.FAILED))
+            if t.state == optuna.trial.TrialState.FAIL and outcome not in (Outcome.INTERRUPTED, Outcome.FAILED):
+                outcome = Outcome.FAILED  # measured, but not stored whole: never counted feasible
+        return cls(
+            number=t.number,
+            state=t.state.name,
+            outcome=outcome,
+            params=dict(t.params),
+            metrics=dict(t.user_attrs.get("metrics", {})),
+            constraints=constraints,
+            error=t.user_attrs.get("error"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "number": self.number,
+            "state": self.state,
+            "outcome": str(self.outcome),
+            "params": self.params,
+            "metrics": self.metrics,
+            "constraints": self.constraints,
+            "error": self.error,
+        }
+
+
+#: Distinct settings tried, at most, before giving up.
+CANDIDATES = 3
+#: Study user attributes: the records, and the workload seeds of the latest request.
+CONFIRMATIONS_ATTR = "confirmations"
+CONFIRM_SEEDS_ATTR = "confirm_workload_seeds"
+
+
+@dataclass(frozen=True)
+class Confirmation:
+    """One re-run of a trial's setting on a fresh workload."""
+
+    workload_seed: int
+    outcome: str  # feasible | infeasible | crashed
+    metrics: dict[str, float] = field(default_factory=dict)
+    constraints: dict[str, float] = field(default_factory=dict)  # signed margins, <= 0 met
+    error: str | None = None
+
+    @property
+    def feasible(self) -> bool:
+        return self.outcome == "feasible"
+
+    @classmethod
+    def of(cls, result: TrialResult, slo: ResolvedSlo, workload_seed: int) -> Confirmation:
+        margins = constraint_margins(result, slo)
+        outcome = "crashed" if result.crashed else ("feasible" if feasible(margins) else "infeasible")
+        return cls(workload_seed, outcome, result.metrics(), margins, result.error)
+
+    def measured_text(self) -> str:
+        """What the re-run measured, e.g. ``P99 TTFT 50.0 ms, P99 TPOT 8.00 ms, 1.500 samples/s``."""
+        if self.error is not None:
+            return f"crashed: {self.error}"
+        m = self.metrics
+        return (f"P99 TTFT {m.get('ttft_p99_ms', float('nan')):.1f} ms, P99 TPOT {m.get('tpot_p99_ms', float('nan')):.2f} ms, "
+                f"{m.get('peft_samples_per_s', 0):.3f} samples/s")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"workload_seed": self.workload_seed, "outcome": self.outcome, "metrics": self.metrics,
+                "constraints": self.constraints, "error": self.error}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Confirmation:
+        return cls(int(d["workload_seed"]), str(d["outcome"]), dict(d.get("metrics", {})),
+                   dict(d.get("constraints", {})), d.get("error"))
+
+
+def load_confirmations(user_attrs: Mapping[str, Any]) -> dict[int, list[Confirmation]]:
+    """The stored confirmations, by trial number."""
+    return {int(k): [Confirmation.from_dict(c) for c in v] for k, v in user_attrs.get(CONFIRMATIONS_ATTR, {}).items()}
+
+
+def setting_records(rows: Sequence[TrialRow], stored: Mapping[int, Sequence[Confirmation]],
+                    params: Mapping[str, float]) -> list[Confirmation]:
+    """Every confirmation of one setting: trials that repeat a setting share them."""
+    return [c for r in rows if r.params == params for c in stored.get(r.number, [])]
+
+
+def verdict(records: Sequence[Confirmation], seeds: Sequence[int]) -> bool | None:
+    """True: met the SLO on the fresh workloads of all ``seeds``; False: missed
+    on one of them; None: not run on all of them yet."""
+    relevant = [c for c in records if c.workload_seed in seeds]
+    if any(not c.feasible for c in relevant):
+        return False
+    return True if {c.workload_seed for c in relevant} >= set(seeds) else None
