@@ -33,17 +33,25 @@ import re
 import shutil
 import subprocess
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from autotune.backends._base import Backend, ProgressFn, no_progress
 from autotune.errors import TrialCrash, UserError
+from autotune.gpu.channel import Channel
+from autotune.gpu.distributed import EXIT_OOM, TrainerRanks, rank_log_name, rank_path
+from autotune.gpu.finetune_data import load_alpaca, load_tokenizer, model_tokenizer
+from autotune.gpu.mps import MpsDaemon
+from autotune.gpu.procs import ProcessRegistry
+from autotune.gpu.server import Decision, ServerConfig, ServerKeeper, prefix_caching_in
+from autotune.gpu.trainer import TrainerConfig, read_iteration_log, trainer_command
 from autotune.memory import MemoryPlan, plan_for_trial
 from autotune.metrics import peft_metrics, serving_metrics
 from autotune.models import ModelConfig
 from autotune.trial import TrialKind, TrialResult, TrialSpec
+from autotune.workloads.spec import RequestSpec, Workload
 
 TRAINER_READY_TIMEOUT_S = 600.0  # build, load and warm up the trainer
 TRAINER_STOP_TIMEOUT_S = 60.0  # a step of a large model, then exit
@@ -116,9 +124,6 @@ class GpuBackend(Backend):
             raise UserError(f"--backend gpu needs vLLM and the GPU extras ({e.name} is missing): "
                             "pip install 'autotune[gpu]'") from None
         self.finetune_data, self.tokenizer = _finetune_inputs(finetune_data, model_path)
-        from autotune.gpu.procs import ProcessRegistry
-        from autotune.gpu.server import ServerKeeper
-
         self._gpu, self._gpu_mem_mib = gpu_name()
         if gpus < 1 or gpus > (seen := visible_gpus(gpu_count(), os.environ)):
             raise UserError(f"--gpus {gpus}: this machine shows {seen} GPU(s)")
@@ -201,8 +206,6 @@ class GpuBackend(Backend):
 
     def prefix_caching(self) -> bool:
         """Whether the server runs (or, before any ran, will run) with prefix caching."""
-        from autotune.gpu.server import ServerConfig, prefix_caching_in
-
         last = self.keeper.last_started
         if last is not None:
             return last.prefix_caching
@@ -222,8 +225,6 @@ class GpuBackend(Backend):
             self._mps.stop()
             self._mps = None
         if want:
-            from autotune.gpu.mps import MpsDaemon
-
             # Short paths: the daemon's pipe is a Unix socket (108-byte limit).
             base = self.mps_dir if self.mps_dir is not None else Path(f"/tmp/autotune-mps-{os.getpid()}")
             daemon = MpsDaemon(base / "pipe", self.root / "mps-log")
@@ -252,7 +253,6 @@ class GpuBackend(Backend):
 
     def _server(self, spec: TrialSpec):
         from autotune.gpu.modelfiles import write_lora_adapters
-        from autotune.gpu.server import ServerConfig
 
         folder, real = self._model_dir(spec.model)
         lora: tuple[tuple[str, str], ...] = ()
@@ -276,9 +276,6 @@ class GpuBackend(Backend):
 
     def _start_trainer(self, spec: TrialSpec, trial_dir: Path, channel_name: str | None):
         """The trainer's ranks (one per GPU), once rank 0 says all are ready."""
-        from autotune.gpu.distributed import TrainerRanks
-        from autotune.gpu.trainer import TrainerConfig, trainer_command
-
         policy = spec.policy
         if spec.kind is TrialKind.TRAINER_ALONE:
             policy = replace(policy, arrival_gate=None)  # no request to wait for
@@ -343,9 +340,6 @@ class GpuBackend(Backend):
         return replace(result, wall_s=time.monotonic() - t0, notes=notes)
 
     def _run(self, spec: TrialSpec, trial_dir: Path, progress: ProgressFn) -> TrialResult:
-        from autotune.gpu.channel import Channel
-        from autotune.gpu.server import Decision
-
         phases: dict[str, float] = {}  # where a trial's wall time goes, s (reported as metrics)
         t_phase = time.monotonic()
         self._set_mps(spec.policy.mps)
@@ -409,8 +403,6 @@ class GpuBackend(Backend):
             _write_records(trial_dir / "requests.jsonl", replayed.records)
         peft = None
         if spec.trains:
-            from autotune.gpu.trainer import read_iteration_log
-
             peft = peft_metrics(read_iteration_log(trial_dir / "iterations.jsonl"), start_s, end_s)
         extra = {"server_startup_s": server.startup_s} if server is not None and server.startup_s else {}
         return TrialResult(serving=serving, peft=peft, extra={**extra, **phases})
@@ -429,8 +421,6 @@ def _finetune_inputs(finetune_data: Path | None, model_path: Path | None) -> tup
     None): synthetic token ids."""
     if finetune_data is None:
         return None, None
-    from autotune.gpu.finetune_data import load_alpaca, load_tokenizer, model_tokenizer
-
     tokenizer = model_tokenizer(model_path)
     load_alpaca(finetune_data)
     load_tokenizer(tokenizer)
@@ -471,7 +461,6 @@ def _warm_up(server, spec: TrialSpec) -> None:
     trials: the first ``WARM_UP_S`` seconds of the trial's own workload, with
     other prompts, plus one request per adapter. Results are dropped."""
     from autotune.gpu.loadgen import replay_sync
-    from autotune.workloads.spec import RequestSpec, Workload
 
     reqs = [r for r in spec.workload.requests if r.arrival_s < WARM_UP_S]
     if spec.lora_serving is not None:
@@ -483,8 +472,6 @@ def _warm_up(server, spec: TrialSpec) -> None:
 
 
 def _status(trial_dir: Path, rank: int = 0) -> dict[str, Any]:
-    from autotune.gpu.distributed import rank_path
-
     try:
         return json.loads(Path(rank_path(trial_dir / "trainer-status.json", rank)).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -500,9 +487,6 @@ def _check_ranks(ranks, trial_dir: Path) -> None:
 
 def _trainer_failure(code: int | None, trial_dir: Path, rank: int = 0, world_size: int = 1) -> str:
     """Why rank ``rank`` of the trainer ended, from its status file."""
-    from autotune.gpu.distributed import rank_log_name
-    from autotune.gpu.trainer import EXIT_OOM
-
     status = _status(trial_dir, rank)
     who = "trainer" if world_size == 1 else f"trainer rank {rank}"
     if code == EXIT_OOM or status.get("state") == "oom":
@@ -513,8 +497,6 @@ def _trainer_failure(code: int | None, trial_dir: Path, rank: int = 0, world_siz
 
 
 def _write_records(path: Path, records) -> None:
-    from dataclasses import asdict
-
     with open(path, "w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(asdict(r)) + "\n")

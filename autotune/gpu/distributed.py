@@ -48,9 +48,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from autotune.errors import UserError
+from autotune.gpu.lora_model import build_model
+from autotune.gpu.server import free_port
 from autotune.policy import SharingPolicy
 
 MASTER_ADDR = "127.0.0.1"
+#: The trainer processes' exit codes besides 0 (a clean stop), which the launcher and the backend read.
+EXIT_ERROR = 1
+EXIT_OOM = 3  # out of GPU memory: the backend records "trainer out of memory"
 
 
 @dataclass(frozen=True)
@@ -238,7 +244,7 @@ def load_full_state(model: Any, state: Mapping[str, Any]) -> list[str]:
 
 def build_sharded_model(cfg: Any, *, seq_len: int, lora_rank: int, lora_alpha: float, device: str, dtype: Any,
                         seed: int, info: RankInfo, full_state: Mapping[str, Any] | None = None) -> Any:
-    """``trainer.build_model``'s model, FSDP2-sharded over the ranks, on ``device``.
+    """``lora_model.build_model``'s model, FSDP2-sharded over the ranks, on ``device``.
 
     Built on the meta device (no rank ever holds the whole model), sharded,
     then materialised: from ``full_state`` (real weights; LoRA weights missing
@@ -246,9 +252,6 @@ def build_sharded_model(cfg: Any, *, seq_len: int, lora_rank: int, lora_alpha: f
     """
     import torch
     from torchtune.training import set_default_dtype
-
-    from autotune.errors import UserError
-    from autotune.gpu.trainer import build_model
 
     model = build_model(cfg, seq_len=seq_len, lora_rank=lora_rank, lora_alpha=lora_alpha, device="meta",
                         dtype=dtype, seed=seed)
@@ -302,8 +305,6 @@ class TrainerRanks:
 
     def start(self) -> None:
         if self.world_size > 1 and self.master_port is None:
-            from autotune.gpu.server import free_port
-
             self.master_port = free_port(MASTER_ADDR)
         for r in range(self.world_size):
             self.ranks.append(self._procs.start(self._argv, self.log_path(r), env=self.env(r), grace_s=self._grace_s))
@@ -317,8 +318,6 @@ class TrainerRanks:
         """(rank, exit code) of the rank to blame for an early end: one that
         ran out of memory, else the first seen to exit (the others then fail
         in their collectives); None while all run."""
-        from autotune.gpu.trainer import EXIT_OOM
-
         self.poll()
         if not self._exit_order:
             return None

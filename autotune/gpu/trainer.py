@@ -2,7 +2,7 @@
 
     python -m autotune.gpu.trainer --config CONFIG.json
 
-The model is built with torchtune's model builders for any preset (random
+The model (``autotune.gpu.lora_model``) is built with torchtune's model builders for any preset (random
 weights: the same shapes give the same speed) or a local Hugging Face folder
 (its ``*.safetensors`` loaded when present): LoRA rank 8 / alpha 16 on q, k and
 v only, base frozen, bf16 on CUDA, batch 1 of ``seq_len_tokens`` token ids
@@ -49,14 +49,16 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
 from autotune.errors import UserError
+from autotune.gpu.channel import Channel
+from autotune.gpu.distributed import (EXIT_ERROR, EXIT_OOM, RankInfo, SharedChannel, build_sharded_model, process_group,
+                                      rank_path)
+from autotune.gpu.finetune_data import finetune_batches
+from autotune.gpu.lora_model import build_model, hf_state_dict, load_hf_weights, model_config
+from autotune.gpu.lora_model import lora_builder as _builder  # noqa: F401  (the name tests import)
 from autotune.metrics import TrainerIteration
-from autotune.models import ModelConfig, from_hf_config, from_name
 from autotune.policy import SharingPolicy
 
-EXIT_OOM = 3  # the backend records "trainer out of memory"
-EXIT_ERROR = 1
 READY_LINE = "autotune-trainer: ready"
-LORA_ATTN_MODULES = ["q_proj", "k_proj", "v_proj"]
 
 
 class TrainerChannel(Protocol):
@@ -109,110 +111,6 @@ def trainer_command(config_path: str | Path) -> list[str]:
     return [sys.executable, "-m", "autotune.gpu.trainer", "--config", str(config_path)]
 
 
-# ---------------------------------------------------------------- the model
-
-
-def model_config(model: str) -> ModelConfig:
-    """A preset's shapes, or those of a local folder's ``config.json``."""
-    return from_hf_config(Path(model)) if Path(model).is_dir() else from_name(model)
-
-
-def _builder(cfg: ModelConfig) -> tuple[Callable[..., Any], dict[str, Any]]:
-    """torchtune's LoRA component builder for these shapes, and its model-specific kwargs."""
-    from torchtune.models.llama2._component_builders import lora_llama2
-    from torchtune.models.llama3._component_builders import lora_llama3
-    from torchtune.models.llama3_1._component_builders import lora_llama3_1
-    from torchtune.models.llama3_2._component_builders import lora_llama3_2
-    from torchtune.models.qwen2._component_builders import lora_qwen2
-
-    if cfg.qkv_bias:  # Qwen2 / Qwen2.5: q/k/v bias
-        return lora_qwen2, {"rope_base": cfg.rope_theta, "tie_word_embeddings": cfg.tie_word_embeddings}
-    scaling = cfg.rope_scaling or {}
-    if scaling.get("rope_type", scaling.get("type")) == "llama3":
-        expected = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-        for key, value in expected.items():  # torchtune's Llama3ScaledRoPE fixes these
-            if float(scaling.get(key, value)) != value:
-                raise UserError(f"{cfg.name}: rope_scaling {key}={scaling[key]} is not supported (torchtune fixes {value})")
-        kwargs = {"rope_base": cfg.rope_theta, "scale_factor": scaling["factor"]}
-        if cfg.tie_word_embeddings:
-            return lora_llama3_2, {**kwargs, "tie_word_embeddings": True}
-        return lora_llama3_1, kwargs
-    if scaling:
-        raise UserError(f"{cfg.name}: rope_scaling {scaling} is not supported")
-    if cfg.tie_word_embeddings:
-        raise UserError(f"{cfg.name}: tied embeddings without llama3 rope scaling are not supported")
-    if cfg.rope_theta == 10000.0:
-        return lora_llama2, {}  # Llama 2's rotary base
-    return lora_llama3, {"rope_base": cfg.rope_theta}
-
-
-def build_model(
-    cfg: ModelConfig, *, seq_len: int, lora_rank: int, lora_alpha: float, device: str, dtype: Any, seed: int = 0
-) -> Any:
-    """torchtune ``TransformerDecoder`` with LoRA on q/k/v, random init from
-    ``seed``, only the LoRA weights trainable."""
-    import torch
-    from torchtune.modules.peft import get_adapter_params, set_trainable_params
-    from torchtune.training import set_default_dtype
-
-    if cfg.hidden_size // cfg.num_heads != cfg.head_dim:
-        raise UserError(f"{cfg.name}: head_dim {cfg.head_dim} != hidden/heads; torchtune's builders need that")
-    builder, kwargs = _builder(cfg)
-    cuda = torch.device(device).type == "cuda"
-    # The builders draw their init from torch's default generator: seed it
-    # inside fork_rng, so that the global state is left as it was.
-    with torch.random.fork_rng(devices=[torch.device(device)] if cuda else []), set_default_dtype(dtype), torch.device(device):
-        torch.manual_seed(seed)
-        model = builder(
-            lora_attn_modules=LORA_ATTN_MODULES,
-            apply_lora_to_mlp=False,
-            apply_lora_to_output=False,
-            vocab_size=cfg.vocab_size,
-            num_layers=cfg.num_layers,
-            num_heads=cfg.num_heads,
-            num_kv_heads=cfg.num_kv_heads,
-            embed_dim=cfg.hidden_size,
-            intermediate_dim=cfg.intermediate_size,
-            max_seq_len=seq_len,  # RoPE cache length; one sample is seq_len tokens
-            norm_eps=cfg.rms_norm_eps,
-            lora_rank=lora_rank,
-            lora_alpha=lora_alpha,
-            **kwargs,
-        )
-    set_trainable_params(model, get_adapter_params(model))
-    return model
-
-
-def hf_state_dict(cfg: ModelConfig, folder: Path) -> dict[str, Any]:
-    """A Hugging Face folder's ``*.safetensors`` as torchtune keys (its own conversion), on the CPU."""
-    from safetensors.torch import load_file
-    from torchtune.models.convert_weights import hf_to_tune
-    from torchtune.models.qwen2._convert_weights import qwen2_hf_to_tune
-
-    dims = {"num_heads": cfg.num_heads, "num_kv_heads": cfg.num_kv_heads, "dim": cfg.hidden_size, "head_dim": cfg.head_dim}
-    state: dict[str, Any] = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        hf = load_file(str(shard), device="cpu")
-        if cfg.qkv_bias:
-            state.update(qwen2_hf_to_tune(hf, tie_word_embeddings=cfg.tie_word_embeddings, **dims))
-        else:
-            state.update(hf_to_tune(hf, **dims))
-    if cfg.tie_word_embeddings:
-        state.pop("output.weight", None)  # the output shares tok_embeddings.weight
-    return state
-
-
-def load_hf_weights(model: Any, cfg: ModelConfig, folder: Path) -> int:
-    """Load a Hugging Face folder's ``*.safetensors`` into the base weights.
-    Returns the number of tensors loaded."""
-    state = hf_state_dict(cfg, folder)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    not_lora = [k for k in missing if "lora_" not in k]
-    if not_lora or unexpected:
-        raise UserError(f"{folder}: weights do not match the model (missing {not_lora[:3]}, unexpected {unexpected[:3]})")
-    return len(state)
-
-
 def synthetic_batches(vocab_size: int, seq_len: int, seed: int, device: str) -> Iterator[tuple[Any, Any]]:
     """Endless (tokens, labels), each [1, seq_len] random token ids, labels shifted by one."""
     import torch
@@ -232,8 +130,6 @@ def training_batches(config: TrainerConfig, vocab_size: int, seq_len: int, devic
         return synthetic_batches(vocab_size, seq_len, config.seed + rank, device)
     if config.tokenizer is None:
         raise UserError("finetune_data needs a tokenizer (tokenizer.json or its folder)")
-    from autotune.gpu.finetune_data import finetune_batches
-
     return finetune_batches(config.finetune_data, config.tokenizer, seq_len=seq_len, seed=config.seed,
                             device=device, vocab_size=vocab_size, rank=rank, world_size=world_size)
 
@@ -300,15 +196,13 @@ class _NoChannel:
 
 
 def run(config: TrainerConfig, channel: TrainerChannel | None, stop_signal: Callable[[], bool],
-        info: Any = None) -> dict[str, Any]:
+        info: RankInfo | None = None) -> dict[str, Any]:
     """Build, warm up, then train until stopped. Returns counts for the status file.
 
     ``info`` (``distributed.RankInfo``; None: one process) makes this rank r of
     N: the process group is joined here, ``channel`` is rank 0's only (None on
     the others), and every decision is shared (``distributed.SharedChannel``).
     """
-    from autotune.gpu.distributed import RankInfo, process_group
-
     info = info or RankInfo()
     if not info.distributed:
         return _train(config, channel, stop_signal, info, config.device)
@@ -316,11 +210,10 @@ def run(config: TrainerConfig, channel: TrainerChannel | None, stop_signal: Call
         return _train(config, channel, stop_signal, info, device)
 
 
-def _train(config: TrainerConfig, channel: TrainerChannel | None, stop_signal: Callable[[], bool], info: Any,
+def _train(config: TrainerConfig, channel: TrainerChannel | None, stop_signal: Callable[[], bool], info: RankInfo,
            device: str) -> dict[str, Any]:
     import torch
 
-    from autotune.gpu.distributed import SharedChannel, build_sharded_model, rank_path
     from autotune.gpu.tasklets import PausePoints, train_step
 
     policy = config.sharing_policy()
@@ -417,14 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    from autotune.gpu.distributed import RankInfo, rank_path
-
     info = RankInfo.from_env(os.environ)  # one process unless started as rank r of N
     status_path = rank_path(config.status_path, info.rank)
     channel = None
     if config.channel is not None and info.is_main:  # the other ranks get rank 0's reads
-        from autotune.gpu.channel import Channel
-
         channel = Channel.attach(config.channel)
     write_status(status_path, "starting", pid=os.getpid())
     try:
