@@ -56,8 +56,6 @@ WAIT_POLL_S = 1.0
 OBJECTIVES = ("peft", "pareto")
 #: ``objective="pareto"``: the objective values' metrics and their directions, in order.
 PARETO_OBJECTIVES = (("peft_samples_per_s", "maximize"), ("ttft_p99_ms", "minimize"), ("tpot_p99_ms", "minimize"))
-#: The name scripts and tests written before ``autotune.context`` import.
-_build_workload = study_workload
 
 
 # ---------------------------------------------------------------- storage

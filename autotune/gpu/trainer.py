@@ -54,7 +54,6 @@ from autotune.gpu.distributed import (EXIT_ERROR, EXIT_OOM, RankInfo, SharedChan
                                       rank_path)
 from autotune.gpu.finetune_data import finetune_batches
 from autotune.gpu.lora_model import build_model, hf_state_dict, load_hf_weights, model_config
-from autotune.gpu.lora_model import lora_builder as _builder  # noqa: F401  (the name tests import)
 from autotune.metrics import TrainerIteration
 from autotune.policy import SharingPolicy
 

@@ -22,10 +22,10 @@ if str(REPO) not in sys.path:  # ``benchmarks`` is a folder of the repository, n
 from autotune.backends import make_backend  # noqa: E402
 from autotune.errors import UserError  # noqa: E402
 from autotune.figures import get_figure  # noqa: E402
+from autotune.context import study_workload  # noqa: E402
 from autotune.policy import SAMPLE_TOKENS, PausePlan  # noqa: E402
 from autotune.study import (  # noqa: E402
     StudyConfig,
-    _build_workload,
     _reference_spec,
     _workload_digest,
     prepare,
@@ -200,7 +200,7 @@ def test_setting_errors_are_one_line():
 def test_spec_for_gives_the_studys_workload_with_fresh_seeds_per_run():
     s = setting(system="fineinfer", params={"defer_s": 0.005}, rate=4.0, trial_seconds=20)
     config = StudyConfig(system="fineinfer", figure="fig8a", rate_req_s=4.0, trial_seconds=20)
-    expected = _build_workload(config, get_figure("fig8a"), get_system("fineinfer"), 4.0)
+    expected = study_workload(config, get_figure("fig8a"), get_system("fineinfer"), 4.0)
     specs = [spec_for(s, TrialKind.COLOCATED, run) for run in range(3)]
     for run, spec in enumerate(specs):
         assert spec.kind is TrialKind.COLOCATED
