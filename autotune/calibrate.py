@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from autotune.errors import UserError
 from autotune.models import ModelConfig, resolve_model
 from autotune.sim.backend import SimBackend
-from autotune.sim.fit import Fit, Param, Target, fit
+from autotune.sim.fit import Fit, Param, Target, fit, loss_of, residuals
 from autotune.sim.profile import MEASURED_SECTIONS, Profile, is_carried
 from autotune.systems import get_system
 from autotune.trial import TrialKind, TrialResult, TrialSpec
@@ -143,23 +143,12 @@ def fit_measured(base: Profile, targets: Sequence[Target], sweeps: int = 5) -> F
         profile = stage.profile
         values.update(stage.values)
         fields.update(stage.fields)
-    residuals = _residuals(profile, targets)
-    loss = sum(t.weight * math.log(max(1e-9, 1.0 + residuals[f"{t.name}: {t.metric}"])) ** 2 for t in targets)
-    return Fit(profile, values, fields, loss, residuals, tuple(t.name for t in targets))
+    res = residuals(profile, targets, _run)
+    return Fit(profile, values, fields, loss_of(targets, res), res, tuple(t.name for t in targets))
 
 
 def _run(profile: Profile, spec: TrialSpec) -> TrialResult:
     return SimBackend(profile).run_trial(spec)
-
-
-def _residuals(profile: Profile, targets: Sequence[Target]) -> dict[str, float]:
-    results: dict[int, TrialResult] = {}
-    out = {}
-    for t in targets:
-        if id(t.spec) not in results:
-            results[id(t.spec)] = _run(profile, t.spec)
-        out[f"{t.name}: {t.metric}"] = results[id(t.spec)].metrics().get(t.metric, 0.0) / t.value - 1.0
-    return out
 
 
 def gpu_driver() -> str:

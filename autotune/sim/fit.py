@@ -72,6 +72,22 @@ def with_fields(profile: Profile, fields: Mapping[str, float]) -> Profile:
 Runner = Callable[[Profile, TrialSpec], TrialResult]
 
 
+def residuals(profile: Profile, targets: Sequence[Target], run: Runner) -> dict[str, float]:
+    """sim / target - 1 for each target ("name: metric"), each trial spec simulated once."""
+    results: dict[int, TrialResult] = {}
+    out = {}
+    for t in targets:
+        if id(t.spec) not in results:
+            results[id(t.spec)] = run(profile, t.spec)
+        out[f"{t.name}: {t.metric}"] = results[id(t.spec)].metrics().get(t.metric, 0.0) / t.value - 1.0
+    return out
+
+
+def loss_of(targets: Sequence[Target], res: Mapping[str, float]) -> float:
+    """The weighted sum of squared log errors that ``fit`` minimises."""
+    return sum(t.weight * math.log(max(1e-9, 1.0 + res[f"{t.name}: {t.metric}"])) ** 2 for t in targets)
+
+
 def fit(base: Profile, targets: Sequence[Target], params: Sequence[Param], run: Runner,
         sweeps: int = 3, steps: int = 14) -> Fit:
     """Fit ``params`` so the simulator (``run``) reproduces ``targets``."""
@@ -84,21 +100,8 @@ def fit(base: Profile, targets: Sequence[Target], params: Sequence[Param], run: 
             fields.update(p.apply(base, vals[p.name]))
         return with_fields(base, fields)
 
-    def residuals(vals: Mapping[str, float]) -> dict[str, float]:
-        prof = profile_of(vals)
-        results: dict[int, TrialResult] = {}
-        out = {}
-        for t in targets:
-            key = id(t.spec)
-            if key not in results:
-                results[key] = run(prof, t.spec)
-            got = results[key].metrics().get(t.metric, 0.0)
-            out[f"{t.name}: {t.metric}"] = got / t.value - 1.0
-        return out
-
     def loss(vals: Mapping[str, float]) -> float:
-        res = residuals(vals)
-        return sum(t.weight * math.log(max(1e-9, 1.0 + res[f"{t.name}: {t.metric}"])) ** 2 for t in targets)
+        return loss_of(targets, residuals(profile_of(vals), targets, run))
 
     for _ in range(sweeps):
         for p in params:
@@ -119,4 +122,5 @@ def fit(base: Profile, targets: Sequence[Target], params: Sequence[Param], run: 
     fields: dict[str, float] = {}
     for p in params:
         fields.update(p.apply(base, values[p.name]))
-    return Fit(prof, dict(values), fields, loss(values), residuals(values), tuple(t.name for t in targets))
+    res = residuals(prof, targets, run)
+    return Fit(prof, dict(values), fields, loss_of(targets, res), res, tuple(t.name for t in targets))
