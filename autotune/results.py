@@ -9,8 +9,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
 
@@ -150,9 +153,6 @@ SCHEMA_VERSION = 1
 
 def versions() -> dict[str, str]:
     """The tool's and its libraries' versions, for a results file."""
-    import platform
-    from importlib import metadata
-
     out = {"python": platform.python_version()}
     for dist in ("autotune", "optuna", "numpy"):
         try:
@@ -164,15 +164,11 @@ def versions() -> dict[str, str]:
 
 def schema() -> dict[str, Any]:
     """The JSON Schema of a ``--json`` file."""
-    from importlib import resources
-
     return json.loads(resources.files("autotune.schemas").joinpath("study_result.json").read_text(encoding="utf-8"))
 
 
 def write_json(result: StudyResult, path: Path) -> None:
     """Write atomically: an existing file is replaced whole or not at all."""
-    from datetime import datetime, timezone
-
     path = Path(path)
     written = {"written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **result.to_dict()}
     text = json.dumps(_finite(written), indent=2)
