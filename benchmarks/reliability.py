@@ -72,8 +72,8 @@ def cell(kind: str, workers: int, fault: str, folder: Path) -> dict:
     if run.hurt_trial is not None:  # how the trial in flight ended: FAIL, or COMPLETE where the signal came as it was stored
         study = optuna.load_study(study_name=name, storage=open_storage(url))
         hurt = f"{run.hurt_trial} ({study.trials[run.hurt_trial].state.name})"
-    else:
-        hurt = "-"
+    else:  # no fault, or a SIGKILL that landed between two trials
+        hurt = "between trials" if fault == "sigkill-worker" else "-"
     return {"storage": kind, "workers": workers, "fault": fault, "exit": " then ".join(codes),
             "hurt": hurt, "wall_s": wall_s, "tally": t,
             "traceback": "Traceback" in run.stdout + run.stderr}

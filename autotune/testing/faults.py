@@ -4,7 +4,10 @@ study kept: the reliability tests and ``benchmarks/reliability.py`` both use it.
 ``run_study_with_fault`` starts the command in a process of its own, and for
 the fault ``"sigkill-worker"`` waits until a worker is in the middle of a
 trial (a RUNNING trial, its owner a live process, past ``kill_after``
-COMPLETE trials) and kills that worker with SIGKILL; for ``"sigint"`` or
+COMPLETE trials) and kills that worker with SIGKILL. A trial may end between
+the read and the kill (a short one), and the kill then lands between two
+trials: the run's ``hurt_trial`` is then None, a miss, not a trial in
+flight (the study must come out whole either way). For ``"sigint"`` or
 ``"sigterm"`` it sends that signal to the command instead. ``tally`` then
 reads the study and counts.
 """
@@ -41,7 +44,7 @@ class FaultRun:
     exit_code: int
     stdout: str
     stderr: str
-    hurt_trial: int | None  # the trial in flight when the fault struck
+    hurt_trial: int | None  # the trial in flight when the fault struck (None: none was)
     hurt_pid: int | None  # the process the signal went to
     wall_s: float
 
@@ -90,16 +93,17 @@ def run_study_with_fault(argv: list[str], storage: str, study_name: str, fault: 
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    if fault == "sigkill-worker" and hurt_pid is not None:  # the trial it held when it died
-        hurt_trial = next(iter(_trials_of(storage, study_name, hurt_pid)), hurt_trial)  # else still RUNNING
+    if fault == "sigkill-worker" and hurt_pid is not None:  # the trial it held when it died, if any
+        hurt_trial = next(iter(_trials_of(storage, study_name, hurt_pid)), None)
     return FaultRun(proc.returncode, out, err, hurt_trial, hurt_pid, time.monotonic() - t0)
 
 
 def _trials_of(storage: str, study_name: str, pid: int) -> list[int]:
-    """The FAIL trials of a worker process."""
+    """The trials a worker process held when it died: FAIL (another worker
+    or the parent failed them) or still RUNNING (nobody has yet)."""
     study = optuna.load_study(study_name=study_name, storage=open_storage(storage),
                               sampler=optuna.samplers.RandomSampler(seed=0))
-    return [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    return [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL, TrialState.RUNNING))
             if t.user_attrs.get(OWNER_ATTR, "").split(":")[1:2] == [str(pid)]]
 
 
