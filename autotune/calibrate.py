@@ -26,7 +26,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime, timezone
 
+from autotune.context import StudyConfig, study_workload
 from autotune.errors import UserError
+from autotune.figures import get_figure
 from autotune.models import ModelConfig, resolve_model
 from autotune.sim.backend import SimBackend
 from autotune.sim.fit import Fit, Param, Target, fit, loss_of, residuals
@@ -44,7 +46,19 @@ FIT_PARAMS = (
                                       "trainer.host_head_loss_ms", "trainer.host_layer_backward_ms",
                                       "trainer.host_optimizer_ms"), 0.2, 1.5, scale=True),
     Param("trainer GPU time factor", ("trainer.gpu_eager_factor",), 0.5, 4.0),
+    # The MPS contention model (autotune.sim.contention), from co-located trials only:
+    Param("memory-bound loss", ("mps.memory_bound_loss",), 0.05, 0.9),
+    Param("memory-bound loss exponent", ("mps.memory_bound_loss_exponent",), 0.5, 3.0),
+    Param("compute-bound loss", ("mps.compute_bound_loss",), 0.05, 0.8),
+    Param("trainer host slowdown", ("mps.trainer_host_slowdown",), 0.0, 0.5),
 )
+#: What a co-located measurement fits: both P99s the SLO is judged on, and the trainer's throughput.
+COLOCATED_METRICS = ("ttft_p99_ms", "tpot_p99_ms", "peft_samples_per_s")
+#: P99 TTFT is recorded (its residual shows in the profile) but not fitted: the simulator misses it
+#: already with no trainer beside the server (on the H100 studies: 52.6 ms against 63-171 ms serving
+#: alone; the API server's tail, see benchmarks/results/fidelity/README.md), and contention terms
+#: fitted to it would take up that serving-side miss.
+COLOCATED_WEIGHTS = (0.0, 2.0, 2.0)
 #: The server the measurements run: the artifact's vLLM + torchtune (MPS on, 0.45 of the memory).
 CALIBRATION_SYSTEM = "vllm-torchtune"
 DEFAULT_RATES_REQ_S = (4.0, 24.0)
@@ -72,6 +86,7 @@ class Measurement:
     spec: TrialSpec
     metrics: tuple[str, ...]  # what of its result is fitted
     weights: tuple[float, ...]
+    trial: Mapping[str, object] | None = None  # a co-located trial: what ``colocated_measurement`` took
 
 
 def measurement_specs(model: ModelConfig, rates_req_s: Sequence[float] = DEFAULT_RATES_REQ_S,
@@ -100,6 +115,30 @@ def measurement_specs(model: ModelConfig, rates_req_s: Sequence[float] = DEFAULT
     return out
 
 
+def colocated_measurement(model: ModelConfig, trial: Mapping[str, object], name: str) -> Measurement:
+    """A co-located trial measured elsewhere (a study's trial on the GPU): ``trial`` gives its system,
+    knobs (``params``), figure, rate, ``num_prompts`` (None: the figure's), ``trial_seconds`` (None:
+    the whole workload), workload ``seed`` and, if not ``model``, its ``model``; the spec is the one a
+    study of those would run. Its P99 TTFT, P99 TPOT and PEFT samples/s fit the contention terms."""
+    if "model" in trial:  # a trial of another model than the calibration's
+        model = resolve_model(str(trial["model"]))
+    system = get_system(str(trial["system"]))
+    figure = get_figure(str(trial["figure"]))
+    rate = float(trial["rate_req_s"])  # type: ignore[arg-type]
+    params = {k: float(v) for k, v in dict(trial["params"]).items()}  # type: ignore[call-overload]
+    params = {k.name: int(params[k.name]) if k.type == "int" else params[k.name] for k in system.knobs}
+    seconds = trial.get("trial_seconds")
+    prompts = trial.get("num_prompts")
+    seed = int(trial.get("seed", 0))  # type: ignore[call-overload]
+    config = StudyConfig(system=system.name, figure=figure.name, rate_req_s=rate, model=model.name, seed=seed,
+                         num_prompts=None if prompts is None else int(prompts),  # type: ignore[call-overload]
+                         trial_seconds=None if seconds is None else float(seconds))  # type: ignore[arg-type]
+    workload = study_workload(config, figure, system, rate)
+    spec = TrialSpec(TrialKind.COLOCATED, system.name, params, system.policy(params), model, workload, seed,
+                     number=0, label=f"calibrate-colocated-{system.name}")
+    return Measurement(name, spec, COLOCATED_METRICS, COLOCATED_WEIGHTS, dict(trial))
+
+
 @dataclass(frozen=True)
 class Measured:
     measurement: Measurement
@@ -120,26 +159,51 @@ def targets_of(measured: Sequence[Measured]) -> list[Target]:
 
 #: Each measured number fits the part of the model it reflects, in this order: the engine's
 #: per-iteration costs from P50 TPOT, then the API server's delay from P50 TTFT (over the
-#: engine's prefill and queueing just fitted), then the trainer's host and GPU time. A joint fit
-#: lets TTFT's growth with load, which the simulator's constant API-server delay cannot follow,
+#: engine's prefill and queueing just fitted), then the trainer's host and GPU time, each from
+#: runs of its own; last, over all of those, the contention terms from co-located trials. A joint
+#: fit lets TTFT's growth with load, which the simulator's constant API-server delay cannot follow,
 #: bend the engine's costs (seen on the H200: P50 TPOT off by +-10% at both rates).
 FIT_STAGES = (
-    (("tpot_p50_ms",), ("iteration overhead", "per-request overhead")),
-    (("ttft_p50_ms",), ("frontend delay",)),
-    (("peft_samples_per_s",), ("trainer host time scale", "trainer GPU time factor")),
+    (TrialKind.SERVING_ALONE, ("tpot_p50_ms",), ("iteration overhead", "per-request overhead")),
+    (TrialKind.SERVING_ALONE, ("ttft_p50_ms",), ("frontend delay",)),
+    (TrialKind.TRAINER_ALONE, ("peft_samples_per_s",), ("trainer host time scale", "trainer GPU time factor")),
+    (TrialKind.COLOCATED, COLOCATED_METRICS, ("memory-bound loss", "memory-bound loss exponent",
+                                              "compute-bound loss", "trainer host slowdown")),
 )
+
+
+def _serving_rates(targets: Sequence[Target]) -> set[float]:
+    return {t.spec.workload.rate_req_s for t in targets
+            if t.spec.kind is TrialKind.SERVING_ALONE and t.spec.workload is not None}
+
+
+def _capped(targets: Sequence[Target], kind: TrialKind) -> bool:
+    return any(t.spec.kind is kind and t.spec.policy.mps and t.spec.policy.trainer_mps_active_thread_pct < 100
+               for t in targets)
+
+
+#: What a number needs among the targets to be resolved; without it the base profile's stands
+#: (one serving rate cannot split an iteration's cost into a fixed and a per-request part; only a
+#: trainer capped by MPS shows its GPU time, or the loss beside a trainer of less than the whole GPU).
+RESOLVED_BY = {
+    "per-request overhead": lambda ts: len(_serving_rates(ts)) >= 2,
+    "trainer GPU time factor": lambda ts: _capped(ts, TrialKind.TRAINER_ALONE),
+    "memory-bound loss exponent": lambda ts: _capped(ts, TrialKind.COLOCATED),
+}
 
 
 def fit_measured(base: Profile, targets: Sequence[Target], sweeps: int = 5) -> Fit:
     """The numbers of ``FIT_PARAMS`` in ``base`` fitted to ``targets`` on the
-    simulator, stage by stage (``FIT_STAGES``); stages with no target are skipped."""
+    simulator, stage by stage (``FIT_STAGES``); stages with no target are skipped,
+    and so are the numbers the targets do not resolve (``RESOLVED_BY``)."""
     params = {p.name: p for p in FIT_PARAMS}
     profile, values, fields = base, {}, {}
-    for metrics, names in FIT_STAGES:
-        stage_targets = [t for t in targets if t.metric in metrics]
-        if not stage_targets:
+    for kind, metrics, names in FIT_STAGES:
+        stage_targets = [t for t in targets if t.spec.kind is kind and t.metric in metrics]
+        resolved = [params[n] for n in names if RESOLVED_BY.get(n, lambda ts: True)(targets)]
+        if not stage_targets or not resolved:
             continue
-        stage = fit(profile, stage_targets, [params[n] for n in names], _run, sweeps=sweeps)
+        stage = fit(profile, stage_targets, resolved, _run, sweeps=sweeps)
         profile = stage.profile
         values.update(stage.values)
         fields.update(stage.fields)
@@ -183,8 +247,9 @@ def profile_toml(name: str, base: Profile, result: Fit, machine: Mapping[str, ob
         "# Datasheet numbers are the base profile's; unmeasured numbers are carried over from it.",
         "",
         "[profile]",
-        f'provenance = "{d.gpu}: host-side numbers and the trainer GPU time fitted by autotune calibrate; '
-        f'the rest from {base.name}"',
+        f'provenance = "{d.gpu}: host-side numbers, the trainer GPU time'
+        + (" and the MPS contention terms" if any(k.startswith("mps.") for k in result.fields) else "")
+        + f' fitted by autotune calibrate; the rest from {base.name}"',
         'status = "modelled"',
         f'carries = "{carries}"',
         "",
@@ -250,7 +315,9 @@ def measurements_json(plan: Plan, machine: Mapping[str, object], base: str, meas
     """The raw measurements of a calibration, for ``--refit`` without the GPU."""
     return json.dumps({
         "version": 1, "machine": dict(machine), "base": base, "plan": asdict(plan),
-        "measured": [{"name": m.measurement.name, "values": dict(m.values), "error": m.error} for m in measured],
+        "measured": [{"name": m.measurement.name, "values": dict(m.values), "error": m.error,
+                      **({"trial": dict(m.measurement.trial)} if m.measurement.trial is not None else {})}
+                     for m in measured],
     }, indent=1) + "\n"
 
 
@@ -261,8 +328,10 @@ def load_measurements(text: str, where: str) -> tuple[Plan, dict[str, object], s
         p = data["plan"]
         plan = Plan(str(p["model"]), tuple(float(r) for r in p["rates_req_s"]), float(p["trial_seconds"]),
                     tuple(int(x) for x in p["mps_thread_pcts"]))
-        by_name = {m.name: m for m in plan.specs(resolve_model(plan.model))}
-        measured = [Measured(by_name[d["name"]], {k: float(v) for k, v in d["values"].items()}, d.get("error"))
+        model = resolve_model(plan.model)
+        by_name = {m.name: m for m in plan.specs(model)}
+        measured = [Measured(colocated_measurement(model, d["trial"], d["name"]) if "trial" in d
+                             else by_name[d["name"]], {k: float(v) for k, v in d["values"].items()}, d.get("error"))
                     for d in data["measured"]]
         return plan, dict(data["machine"]), str(data["base"]), measured
     except (ValueError, KeyError, TypeError) as e:

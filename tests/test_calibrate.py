@@ -86,7 +86,7 @@ def test_the_written_profile_loads_and_says_where_each_number_came_from(measured
     assert p.datasheet.memory_bandwidth_gb_s == BASE.datasheet.memory_bandwidth_gb_s
     assert p.serving.frontend_delay_ms == pytest.approx(result.fields["serving.frontend_delay_ms"], rel=1e-5)
     assert p.field_provenance["serving.frontend_delay_ms"] == "fitted"
-    assert p.field_provenance["mps.memory_bound_loss"] == "measured on h100-80gb"  # carried, not re-measured
+    assert p.field_provenance["mps.memory_bound_loss"] == "fitted on h100-80gb"  # carried, not refitted here
     assert "580.159.04" in text and "vllm 0.20.0" in text
 
 
@@ -138,3 +138,49 @@ def test_each_stage_fits_the_part_of_the_model_its_measurement_reflects(measured
     a, b = fit_measured(BASE, targets_of(measured), sweeps=3), fit_measured(BASE, targets_of(slow), sweeps=3)
     assert b.fields["serving.iteration_overhead_ms"] > a.fields["serving.iteration_overhead_ms"]
     assert b.fields["trainer.gpu_eager_factor"] == pytest.approx(a.fields["trainer.gpu_eager_factor"], rel=1e-6)
+
+
+# ---------------------------------------------------------------- co-located trials: the contention terms
+
+SHORT_COLOCATED = {"system": "vllm-torchtune", "figure": "fig8a", "rate_req_s": 8.0,
+                   "params": {"mps_active_thread_pct": 60}, "num_prompts": None, "trial_seconds": 8.0, "seed": 0}
+
+
+def test_a_colocated_measurement_is_the_studys_trial_and_round_trips_through_the_measurements_file():
+    from autotune.calibrate import colocated_measurement
+
+    m = colocated_measurement(LLAMA8B, SHORT_COLOCATED, "co-located 60%")
+    assert m.spec.kind is TrialKind.COLOCATED and m.spec.policy.trainer_mps_active_thread_pct == 60
+    assert m.metrics == ("ttft_p99_ms", "tpot_p99_ms", "peft_samples_per_s")
+    plan = Plan("llama-3.1-8b", (8.0,), 8.0, ())
+    got = [Measured(m, {"ttft_p99_ms": 60.0, "tpot_p99_ms": 9.0, "peft_samples_per_s": 3.0})]
+    _, _, _, back = load_measurements(measurements_json(plan, {"gpus": 1}, "h100-80gb", got), "x")
+    assert back[0].measurement.spec.workload == m.spec.workload and back[0].values == got[0].values
+
+
+def test_what_the_targets_do_not_resolve_keeps_the_base_number():
+    """One serving rate and no capped trainer: the per-request cost and the trainer's GPU
+    factor are not fitted (a fit would set them anywhere along a valley)."""
+    base = load_profile("h100-80gb")
+    plan = Plan("llama-3.1-8b", (8.0,), 8.0, ())
+    truth = SimBackend(with_fields(base, {"serving.iteration_overhead_ms": 1.6}))
+    got = measure(truth.run_trial, plan.specs(LLAMA8B), progress=lambda line: None)
+    result = fit_measured(base, targets_of(got), sweeps=2)
+    assert "serving.seq_overhead_ms" not in result.fields and "trainer.gpu_eager_factor" not in result.fields
+    assert result.fields["serving.iteration_overhead_ms"] == pytest.approx(1.6, rel=0.05)
+
+
+def test_colocated_trials_fit_the_contention_terms_and_nothing_else_moves_them():
+    from autotune.calibrate import colocated_measurement
+
+    base = load_profile("h100-80gb")
+    truth = SimBackend(with_fields(base, {"mps.compute_bound_loss": 0.5, "mps.trainer_host_slowdown": 0.2}))
+    specs = [colocated_measurement(LLAMA8B, {**SHORT_COLOCATED, "params": {"mps_active_thread_pct": pct}}, f"{pct}%")
+             for pct in (40, 100)]
+    got = measure(truth.run_trial, specs, progress=lambda line: None)
+    result = fit_measured(base, targets_of(got), sweeps=2)
+    assert set(result.fields) == {"mps.memory_bound_loss", "mps.memory_bound_loss_exponent",
+                                  "mps.compute_bound_loss", "mps.trainer_host_slowdown"}
+    assert result.loss < 0.01  # the truth is inside the ranges
+    fitted = {k: r for k, r in result.residuals.items() if not k.endswith("ttft_p99_ms")}  # P99 TTFT: weight 0
+    assert len(fitted) == 4 and all(abs(r) < 0.06 for r in fitted.values()), fitted

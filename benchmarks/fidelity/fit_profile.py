@@ -7,7 +7,8 @@ Targets: every serving-alone reference of the rows file (P50 TTFT and P50
 TPOT: the P99s are what the rows are scored on) and, if given, the trainer's
 samples/s alone. Fitted: what ``autotune calibrate`` fits (the API server's
 delay, the engine's per-iteration and per-request host costs, one scale on the
-trainer's host times). Prints the fitted numbers and the residuals.
+trainer's host times; what the targets do not resolve stays, see
+``autotune.calibrate.RESOLVED_BY``). Prints the fitted numbers and the residuals.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ _REPO = Path(__file__).resolve().parents[2]
 if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
 
-from autotune.calibrate import fit_host_side  # noqa: E402
+from autotune.calibrate import fit_measured  # noqa: E402
 from autotune.sim.backend import SimBackend  # noqa: E402
 from autotune.sim.fit import Target  # noqa: E402
 from autotune.trial import TrialKind  # noqa: E402
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     base = SimBackend(args.base).profile
 
-    result = fit_host_side(base, targets(RowsFile.load(args.gpu), args.trainer_alone_samples_per_s))
+    result = fit_measured(base, targets(RowsFile.load(args.gpu), args.trainer_alone_samples_per_s))
     print(f"fitted on {len(result.targets)} measurements; loss {result.loss:.4f}")
     for key, value in result.fields.items():
         print(f"{key} = {value:.4g}")

@@ -11,7 +11,9 @@ Rows file (JSON)::
 
     {"hardware", "machine", "command", "started", "settings": [...],
      "references": [{"key", "systems", "system", "figure", "rate_req_s", "workload_digest", "server",
-                     "ttft_p99_ms", "tpot_p99_ms", "ttft_p50_ms", "tpot_p50_ms", ...}],
+                     "ttft_p99_ms", "tpot_p99_ms", "ttft_p50_ms", "tpot_p50_ms", ...,
+                     optional "slo_for_workload_digests": the workloads whose rows it sets the SLO of
+                     (default: its own; a study's --confirm runs, see benchmarks/fidelity/studies.py)}],
      "rows": [{"system", "figure", "rate_req_s", "params", "num_prompts", "trial_seconds",
                "runs": [{"run", "ttft_p99_ms", "tpot_p99_ms", "peft_samples_per_s", "ttft_p50_ms",
                          "tpot_p50_ms", "completed", "failed", "error", "wall_s"}]}]}

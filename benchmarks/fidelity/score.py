@@ -87,13 +87,15 @@ def make_sim(profile: str | None, gpus: int | None):
 
 
 def _serving_reference(rows: RowsFile, setting: Setting, digest: str) -> dict[str, Any] | None:
-    """The latest GPU serving-alone reference that measured this setting's server and workload."""
+    """The latest GPU serving-alone reference that measured this setting's server and workload (or that
+    its study held this workload's runs to: ``slo_for_workload_digests``, a ``--confirm`` run's fresh workload)."""
     found = None
     for ref in rows.references:
         if ref.get("kind", "serving_alone") != TrialKind.SERVING_ALONE.value or ref.get("error"):
             continue
         if (setting.system in ref.get("systems", [ref.get("system")]) and ref.get("figure") == setting.figure
-                and float(ref.get("rate_req_s", -1)) == setting.rate_req_s and ref.get("workload_digest") == digest):
+                and float(ref.get("rate_req_s", -1)) == setting.rate_req_s
+                and digest in ref.get("slo_for_workload_digests", [ref.get("workload_digest")])):
             found = ref
     return found
 

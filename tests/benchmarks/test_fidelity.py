@@ -580,3 +580,29 @@ def test_scorer_bad_input_exits_2(tmp_path, capsys):
     assert score.main(["--gpu", str(gpu), "--profile", "no-such-profile", "--out", str(tmp_path / "o.json")]) == 2
     err = capsys.readouterr().err
     assert "'no-such-profile'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_gpu_study_becomes_a_rows_file_scored_against_its_own_slo(tmp_path):
+    """A committed H100 study (--json) with a --confirm run: one row per trial and per confirmation,
+    the study's references, every other trial of a system held out, the SLO the study used."""
+    from benchmarks.fidelity import studies
+
+    src = Path(__file__).resolve().parents[2] / "benchmarks/results/gpu-h100/rerun-2026-11-25/chunked-confirm.json"
+    study = json.loads(src.read_text())
+    counts = {"chunked": 3}  # as if the chunked study's 3 trials came first
+
+    def held_out_of(system: str) -> bool:
+        counts[system] += 1
+        return counts[system] % 2 == 0
+
+    rows_file = studies.convert(study, str(src), held_out_of)
+    assert [r["params"]["chunk_size_tokens"] for r in rows_file.rows] == [128, 288, 128]
+    assert [d["held_out"] for d in rows_file.settings] == [True, False, True]
+    assert rows_file.rows[2]["runs"][0]["tpot_p99_ms"] == pytest.approx(9.638, abs=1e-3)
+    path = tmp_path / "rows.json"
+    rows_file.save(path)
+    args = score.parse_args(["--gpu", str(path), "--profile", "h100-80gb", "--slo-ttft-ratio", "1.25",
+                             "--slo-tpot-ratio", "1.1"])
+    result = score.score([(path, RowsFile.load(path), "h100-80gb")], args)
+    assert all(r["slo"]["tpot_p99_ms"] == pytest.approx(study["slo"]["tpot_p99_ms"]) for r in result["rows"])
+    assert [r["verdict"]["gpu"] for r in result["rows"]] == [True, False, False]  # as the study judged them

@@ -33,7 +33,7 @@ def test_decode_iteration_is_weight_streaming_plus_overhead():
     bw = 3350e9 * 0.80
     assert cost.memory_s == pytest.approx((15.01e9 + 400 * 131072) / bw, rel=1e-3)
     assert cost.compute_s < 0.01 * cost.memory_s
-    assert m.duration_s(cost) * 1000 == pytest.approx(5.62 + 1.24, abs=0.05)  # ms
+    assert m.duration_s(cost) * 1000 == pytest.approx(5.62 + 1.392, abs=0.05)  # ms
 
 
 def test_prefill_of_2048_tokens_is_compute_bound():
@@ -60,24 +60,24 @@ SEQ = with_fields(PROFILE, {"serving.seq_overhead_ms": 0.05})
 def test_seq_overhead_adds_its_cost_per_sampled_request_to_the_fixed_time():
     assert (PROFILE.serving.seq_overhead_ms, SEQ.serving.seq_overhead_ms) == (0.0, 0.05)
     base, seq = ServingCostModel(LLAMA8B, PROFILE), ServingCostModel(LLAMA8B, SEQ)
-    # 8 decodes + 2 prefill chunks, one of them sampled: 9 sampled requests -> 1.24 + 0.05 x 9 = 1.69 ms
+    # 8 decodes + 2 prefill chunks, one of them sampled: 9 sampled requests -> 1.392 + 0.05 x 9 = 1.842 ms
     args = dict(decode_count=8, decode_context_tokens=8 * 300, prefill_tokens=300, prefill_attn_pairs=300 * 150)
     a, b = base.iteration(**args, sampled_seqs=9), seq.iteration(**args, sampled_seqs=9)
-    assert a.fixed_s == pytest.approx(1.24e-3, rel=1e-12)
-    assert b.fixed_s == pytest.approx(1.69e-3, rel=1e-12)
+    assert a.fixed_s == pytest.approx(1.39197e-3, rel=1e-12)
+    assert b.fixed_s == pytest.approx(1.84197e-3, rel=1e-12)
     assert (b.memory_s, b.compute_s) == (a.memory_s, a.compute_s)  # host time only: nothing on the GPU
     assert seq.duration_s(b) - base.duration_s(a) == pytest.approx(0.45e-3, rel=1e-9)
     # per *sampled* request: the decode count alone does not change it
-    assert seq.iteration(**args, sampled_seqs=1).fixed_s == pytest.approx(1.29e-3, rel=1e-12)
-    assert seq.iteration(**{**args, "decode_count": 2}, sampled_seqs=9).fixed_s == pytest.approx(1.69e-3, rel=1e-12)
-    # beside the LoRA costs: 1.24 + 0.05 x 9 + 0.5 (any adapter) + 3 x the per-adapter cost
+    assert seq.iteration(**args, sampled_seqs=1).fixed_s == pytest.approx(1.44197e-3, rel=1e-12)
+    assert seq.iteration(**{**args, "decode_count": 2}, sampled_seqs=9).fixed_s == pytest.approx(1.84197e-3, rel=1e-12)
+    # beside the LoRA costs: 1.392 + 0.05 x 9 + 0.5 (any adapter) + 3 x the per-adapter cost
     lora = ServingCostModel(LLAMA8B, SEQ, lora_rank=8).iteration(**args, sampled_seqs=9, adapters=3)
     sv = SEQ.serving
-    assert lora.fixed_s == pytest.approx((1.69 + sv.lora_batch_overhead_ms + 3 * sv.lora_per_adapter_ms) / 1000,
+    assert lora.fixed_s == pytest.approx((1.84197 + sv.lora_batch_overhead_ms + 3 * sv.lora_per_adapter_ms) / 1000,
                                          rel=1e-12)
     # two GPUs: the tensor-parallel collectives on top, unchanged
     two = ServingCostModel(LLAMA8B, SEQ.with_gpus(2))
-    assert two.iteration(**args, sampled_seqs=9).fixed_s == pytest.approx(1.69e-3 + two.tp_comm_s(308, 9), rel=1e-12)
+    assert two.iteration(**args, sampled_seqs=9).fixed_s == pytest.approx(1.84197e-3 + two.tp_comm_s(308, 9), rel=1e-12)
 
 
 def test_seq_overhead_adds_its_cost_per_decode_to_every_step_of_a_decode_run():
@@ -172,7 +172,7 @@ def test_two_gpu_decode_iteration_is_half_the_weights_plus_the_collectives():
     assert m.tp_comm_s(1, 1) == pytest.approx(comm_s, rel=1e-9)
     expected = sv.iteration_overhead_ms / 1000 + comm_s + (memory_s**3 + compute_s**3) ** (1 / 3)
     assert m.duration_s(cost) == pytest.approx(expected, rel=1e-9)
-    assert m.duration_s(cost) * 1000 == pytest.approx(10.06 + 1.24 + 1.99, abs=0.05)  # ms
+    assert m.duration_s(cost) * 1000 == pytest.approx(10.06 + 1.392 + 1.99, abs=0.05)  # ms
 
 
 def test_tensor_parallel_halves_the_per_gpu_work_on_the_same_gpu():

@@ -69,8 +69,9 @@ def test_h200_fits_the_host_side_numbers_and_carries_the_rest():
         section, field = key.split(".")
         assert getattr(h200.serving, field) == value, key
     # the trainer's host times: the H100's, all scaled by one fitted factor (forward/backward split kept)
+    # (fitted on the H100's earlier host times; the H100's refit scaled those by 0.82357)
     scales = [getattr(h200.trainer, f) / getattr(h100.trainer, f) for f in TRAINER_HOST]
-    assert scales == pytest.approx([0.6616] * len(scales), rel=2e-4)
+    assert scales == pytest.approx([0.6616 / 0.82357] * len(scales), rel=2e-4)
     for key in MEASURED_FIELDS:  # everything else is the H100's
         if key not in own:
             section, field = key.split(".")
