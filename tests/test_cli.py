@@ -104,7 +104,7 @@ def test_list_shows_the_hardware_profiles_and_their_provenance():
     named = {line.split()[0]: line for line in profiles if line.startswith("  ") and line[2] != " "}
     assert set(named) == {"2x-rtx3090", "h100-80gb", "h200", "h200-datasheet"}
     assert named["2x-rtx3090"].endswith("(default)") and "[26 carried over, 3 modelled, 2 spec]" in named["2x-rtx3090"]
-    assert "NVIDIA H100 80GB HBM3 (79.18 GiB, NVLink 4): measured [11 fitted, 6 measured, 10 modelled, 4 spec]" \
+    assert "NVIDIA H100 80GB HBM3 (79.18 GiB, NVLink 4): measured [14 fitted, 3 measured, 10 modelled, 4 spec]" \
         in named["h100-80gb"]
     assert "NVIDIA H200 (139.8 GiB, NVLink 4): modelled; measured sections carried over from h100-80gb " \
         "[23 carried over, 8 fitted]" in named["h200"]
@@ -279,6 +279,7 @@ def test_show(base, tmp_path):
     assert f"study {BASE_STUDY}: 3 trials" in text
     for label in ("P99 TTFT", "P99 TPOT"):
         curve_lines = text.split(f"trade-off curve ({label} ms vs PEFT samples/s, feasible or not):\n")[1]
+        curve_lines = curve_lines.split("trade-off curve (")[0]  # this curve's lines only, not the next curve's
         curve = [line for line in curve_lines.splitlines() if line.startswith("  #")]
         assert 1 <= len(curve) <= 3
     assert "Pareto" not in text  # a study of one objective has no Pareto-optimal column
