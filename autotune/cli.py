@@ -432,7 +432,7 @@ def show(
         for metric, label in (("ttft_p99_ms", "P99 TTFT"), ("tpot_p99_ms", "P99 TPOT")):
             print(f"trade-off curve ({label} ms vs PEFT samples/s, feasible or not):")
             for r in tradeoff_curve(result.rows, latency=metric):
-                print(f"  #{r.number}: {r.metrics[metric]:.2f} ms, {r.peft_samples_per_s:.3f} samples/s, "
+                print(f"  #{r.number}: {r.metrics.value(metric):.2f} ms, {r.peft_samples_per_s:.3f} samples/s, "
                       f"{r.outcome}; {format_params(r.params)}")
     if json_path is not None:
         write_json(result, json_path)

@@ -81,6 +81,11 @@ class Knob:
     def _cast(self, value: float) -> float:
         return int(round(value)) if self.type == "int" else float(value)
 
+    def range_record(self) -> dict[str, Any]:
+        """The range searched, as data (how a study stores its search space)."""
+        return {"type": self.type, "unit": self.unit, "low": self.low, "high": self.high, "step": self.step,
+                "log": self.log, "default": self.default}
+
     def describe_range(self) -> str:
         scale = ", log" if self.log else ""
         step = f", step {self.step:g}" if self.step else ""

@@ -15,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from autotune.context import StudyContext, StudyObserver
+from autotune.metrics import TrialMetrics
 from autotune.records import Confirmation, TrialRow
 from autotune.results import _fmt, best_feasible, format_params
 
@@ -94,9 +95,9 @@ def trial_table(rows: Sequence[TrialRow], knob_names: Sequence[str],
         table.add_row(
             str(r.number),
             *(_fmt(r.params[n]) if n in r.params else "-" for n in knob_names),
-            _latency_cell(r.metrics.get("ttft_p99_ms"), ttft_limit_ms, 1),
-            _latency_cell(r.metrics.get("tpot_p99_ms"), tpot_limit_ms, 2),
-            f"{r.peft_samples_per_s:.3f}" if "peft_samples_per_s" in r.metrics else "-",
+            _latency_cell(r.metrics.ttft_p99_ms, ttft_limit_ms, 1),
+            _latency_cell(r.metrics.tpot_p99_ms, tpot_limit_ms, 2),
+            f"{r.peft_samples_per_s:.3f}" if r.metrics.peft is not None else "-",
             Text("yes", style="green") if r.feasible else Text("no", style="red") if r.outcome != "running" else Text(""),
             *((Text("yes", style="bold green") if r.number in pareto else Text(""),) if pareto is not None else ()),
             state,
@@ -163,7 +164,7 @@ class LiveReporter(StudyObserver):
         self.live = Live(self._render(), console=self.console, refresh_per_second=4, transient=False)
         self.live.start()
 
-    def on_reference(self, ctx: StudyContext, name: str, metrics: Mapping[str, float], cached: bool) -> None:
+    def on_reference(self, ctx: StudyContext, name: str, metrics: TrialMetrics, cached: bool) -> None:
         self._refresh()
 
     def on_trial_start(self, ctx: StudyContext, number: int, params: Mapping[str, float]) -> None:
@@ -218,12 +219,12 @@ class PlainReporter(StudyObserver):
         if ctx.workload is not None:
             self._print(f"workload: {ctx.workload.description}")
 
-    def on_reference(self, ctx: StudyContext, name: str, metrics: Mapping[str, float], cached: bool) -> None:
+    def on_reference(self, ctx: StudyContext, name: str, metrics: TrialMetrics, cached: bool) -> None:
         parts = [f"reference {name.replace('_', ' ')}{' (cached)' if cached else ''}:"]
-        if "ttft_p99_ms" in metrics:
-            parts.append(f"P99 TTFT {metrics['ttft_p99_ms']:.1f} ms, P99 TPOT {metrics['tpot_p99_ms']:.2f} ms")
-        if "peft_samples_per_s" in metrics:
-            parts.append(f"PEFT {metrics['peft_samples_per_s']:.3f} samples/s")
+        if metrics.serving is not None:
+            parts.append(f"P99 TTFT {metrics.ttft_p99_ms:.1f} ms, P99 TPOT {metrics.tpot_p99_ms:.2f} ms")
+        if metrics.peft is not None:
+            parts.append(f"PEFT {metrics.peft_samples_per_s:.3f} samples/s")
         self._print(" ".join(parts))
 
     def on_trial_start(self, ctx: StudyContext, number: int, params: Mapping[str, float]) -> None:
@@ -239,8 +240,8 @@ class PlainReporter(StudyObserver):
         r = TrialRow.of(trial)
         m = r.metrics
         lat = ""
-        if "ttft_p99_ms" in m:
-            lat = f" ttft_p99_ms={m['ttft_p99_ms']:.1f} tpot_p99_ms={m['tpot_p99_ms']:.2f}"
+        if m.serving is not None:
+            lat = f" ttft_p99_ms={m.ttft_p99_ms:.1f} tpot_p99_ms={m.tpot_p99_ms:.2f}"
         err = f" error={r.error!r}" if r.error else ""
         self._print(f"trial {r.number}: {format_params(r.params)}{lat} "
                     f"peft_samples_per_s={r.peft_samples_per_s:.3f} {r.outcome}{err}")

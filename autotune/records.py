@@ -14,6 +14,7 @@ from typing import Any
 
 import optuna
 
+from autotune.metrics import TrialMetrics
 from autotune.slo import ResolvedSlo, constraint_margins, feasible
 from autotune.trial import Outcome, TrialResult
 
@@ -24,7 +25,7 @@ class TrialRow:
     state: str  # Optuna's: COMPLETE, FAIL, RUNNING, ...
     outcome: Outcome
     params: dict[str, float]
-    metrics: dict[str, float]
+    metrics: TrialMetrics
     constraints: dict[str, float]  # signed relative margins, <= 0 met
     error: str | None = None
 
@@ -33,8 +34,14 @@ class TrialRow:
         return self.outcome == Outcome.FEASIBLE
 
     @property
+    def measured(self) -> bool:
+        """Measured whole (feasible or not): neither crashed, failed nor in flight."""
+        return self.outcome in (Outcome.FEASIBLE, Outcome.INFEASIBLE)
+
+    @property
     def peft_samples_per_s(self) -> float:
-        return self.metrics.get("peft_samples_per_s", 0.0)
+        """0 where the trial measured none (it crashed, or failed)."""
+        return self.metrics.peft_samples_per_s or 0.0
 
     @classmethod
     def of(cls, t: optuna.trial.FrozenTrial) -> TrialRow:
@@ -50,7 +57,7 @@ class TrialRow:
             state=t.state.name,
             outcome=outcome,
             params=dict(t.params),
-            metrics=dict(t.user_attrs.get("metrics", {})),
+            metrics=TrialMetrics.from_dict(t.user_attrs.get("metrics", {})),
             constraints=constraints,
             error=t.user_attrs.get("error"),
         )
@@ -61,7 +68,7 @@ class TrialRow:
             "state": self.state,
             "outcome": str(self.outcome),
             "params": self.params,
-            "metrics": self.metrics,
+            "metrics": self.metrics.to_dict(),
             "constraints": self.constraints,
             "error": self.error,
         }
@@ -79,37 +86,75 @@ class Confirmation:
     """One re-run of a trial's setting on a fresh workload."""
 
     workload_seed: int
-    outcome: str  # feasible | infeasible | crashed
-    metrics: dict[str, float] = field(default_factory=dict)
+    outcome: Outcome  # FEASIBLE, INFEASIBLE or CRASHED
+    metrics: TrialMetrics = field(default_factory=TrialMetrics)
     constraints: dict[str, float] = field(default_factory=dict)  # signed margins, <= 0 met
     error: str | None = None
 
     @property
     def feasible(self) -> bool:
-        return self.outcome == "feasible"
+        return self.outcome == Outcome.FEASIBLE
 
     @classmethod
     def of(cls, result: TrialResult, slo: ResolvedSlo, workload_seed: int) -> Confirmation:
         margins = constraint_margins(result, slo)
-        outcome = "crashed" if result.crashed else ("feasible" if feasible(margins) else "infeasible")
-        return cls(workload_seed, outcome, result.metrics(), margins, result.error)
+        outcome = (Outcome.CRASHED if result.crashed
+                   else Outcome.FEASIBLE if feasible(margins) else Outcome.INFEASIBLE)
+        return cls(workload_seed, outcome, result.measured(), margins, result.error)
 
     def measured_text(self) -> str:
         """What the re-run measured, e.g. ``P99 TTFT 50.0 ms, P99 TPOT 8.00 ms, 1.500 samples/s``."""
         if self.error is not None:
             return f"crashed: {self.error}"
         m = self.metrics
-        return (f"P99 TTFT {m.get('ttft_p99_ms', float('nan')):.1f} ms, P99 TPOT {m.get('tpot_p99_ms', float('nan')):.2f} ms, "
-                f"{m.get('peft_samples_per_s', 0):.3f} samples/s")
+        nan = float("nan")
+        return (f"P99 TTFT {m.ttft_p99_ms if m.ttft_p99_ms is not None else nan:.1f} ms, "
+                f"P99 TPOT {m.tpot_p99_ms if m.tpot_p99_ms is not None else nan:.2f} ms, "
+                f"{m.peft_samples_per_s or 0:.3f} samples/s")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"workload_seed": self.workload_seed, "outcome": self.outcome, "metrics": self.metrics,
+        return {"workload_seed": self.workload_seed, "outcome": str(self.outcome), "metrics": self.metrics.to_dict(),
                 "constraints": self.constraints, "error": self.error}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Confirmation:
-        return cls(int(d["workload_seed"]), str(d["outcome"]), dict(d.get("metrics", {})),
+        return cls(int(d["workload_seed"]), Outcome(d["outcome"]), TrialMetrics.from_dict(d.get("metrics", {})),
                    dict(d.get("constraints", {})), d.get("error"))
+
+
+#: What of a knob's range is part of a study's identity (a resume with another range is another study).
+RANGE_IDENTITY = ("low", "high", "step", "log")
+
+
+def migrate_identity(identity: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A stored identity in today's form: studies made before the search
+    space was stored as data kept each knob's range as ``[low, high, step,
+    log]``. The stored attribute itself is left as it is."""
+    if identity is None:
+        return None
+    space = identity.get("search_space")
+    if not isinstance(space, Mapping):
+        return dict(identity)
+    return {**identity, "search_space": {k: dict(zip(RANGE_IDENTITY, v)) if isinstance(v, list) else v
+                                         for k, v in space.items()}}
+
+
+def search_space_record(user_attrs: Mapping[str, Any]) -> dict[str, dict[str, Any]] | None:
+    """A study's search space as data: knob -> {type, unit, low, high, step,
+    log, default}. Studies made before it was stored so kept it as display
+    text; theirs comes from the identity (its range only). None: never stored."""
+    space = (user_attrs.get("config") or {}).get("search_space")
+    if isinstance(space, Mapping) and all(isinstance(v, Mapping) for v in space.values()):
+        return {k: dict(v) for k, v in space.items()}
+    identity = migrate_identity(user_attrs.get("identity")) or {}
+    ranges = identity.get("search_space")
+    return {k: dict(v) for k, v in ranges.items()} if isinstance(ranges, Mapping) else None
+
+
+def reference_metrics(record: Mapping[str, Any]) -> TrialMetrics:
+    """A reference run's metrics, as stored with a study or in the runs
+    folder's cache (nested, or flat as earlier versions stored them)."""
+    return TrialMetrics.from_dict(record.get("metrics") or {})
 
 
 def load_confirmations(user_attrs: Mapping[str, Any]) -> dict[int, list[Confirmation]]:

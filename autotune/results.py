@@ -21,7 +21,7 @@ import optuna
 
 from autotune.errors import EnvironmentFailure, UserError, os_error
 from autotune.records import (CANDIDATES, CONFIRM_SEEDS_ATTR, Confirmation, TrialRow, load_confirmations,
-                              setting_records, verdict)
+                              reference_metrics, search_space_record, setting_records, verdict)
 from autotune.storage import open_storage
 
 def ranked_feasible(rows: Sequence[TrialRow]) -> list[TrialRow]:
@@ -52,6 +52,13 @@ class StudyResult:
     confirm_seeds: tuple[int, ...] = ()  # workload seeds of the latest --confirm (empty: never asked)
     objective: str = "peft"  # peft | pareto (autotune.study.OBJECTIVES)
     pareto_numbers: tuple[int, ...] = ()  # pareto: Optuna's study.best_trials (feasible, non-dominated)
+    search_space: dict[str, dict[str, Any]] | None = None  # knob -> its range as data (records.search_space_record)
+
+    @property
+    def trainer_alone_samples_per_s(self) -> float | None:
+        """The PEFT ceiling: the trainer-alone reference's samples/s (None: not run)."""
+        record = self.references.get("trainer_alone")
+        return None if record is None else reference_metrics(record).peft_samples_per_s
 
     @property
     def confirm_workloads(self) -> int:
@@ -103,6 +110,7 @@ class StudyResult:
             confirm_seeds=tuple(int(x) for x in attrs.get(CONFIRM_SEEDS_ATTR, ())),
             objective="pareto" if len(study.directions) > 1 else "peft",
             pareto_numbers=tuple(sorted(t.number for t in study.best_trials)) if len(study.directions) > 1 else (),
+            search_space=search_space_record(attrs),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -125,10 +133,10 @@ class StudyResult:
             "workload": cfg.get("workload"),
             "synthetic_workload": cfg.get("synthetic_workload"),
             "num_prompts": cfg.get("num_prompts"),
-            "search_space": cfg.get("search_space"),
+            "search_space": self.search_space,
             "slo": self.slo,
             "objective": self.objective,
-            "reference": {k: v.get("metrics") for k, v in self.references.items()},
+            "reference": {k: reference_metrics(v).to_dict() for k, v in self.references.items()},
             "best": None if best is None else self._answer(best),
             **({"pareto_optimal": [self._answer(r) for r in self.pareto_optimal]} if self.objective == "pareto"
                else {}),
@@ -143,12 +151,12 @@ class StudyResult:
         }
 
     def _answer(self, row: TrialRow) -> dict[str, Any]:
-        return {"number": row.number, "params": row.params, "metrics": row.metrics, "feasible": True,
+        return {"number": row.number, "params": row.params, "metrics": row.metrics.to_dict(), "feasible": True,
                 "confirmed": self.confirmed(row)}
 
 
 #: Version of the ``--json`` layout (``schemas/study_result.json``); raised on any change a reader must know.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def versions() -> dict[str, str]:
@@ -219,16 +227,17 @@ def tradeoff_curve(rows: Sequence[TrialRow], latency: str = "tpot_p99_ms",
     SLO line showing where it crosses the limit). Crashed trials are left
     out. Not to be confused with ``StudyResult.pareto_optimal``: feasible
     trials only, on all three objectives at once."""
-    pts = [r for r in rows if r.outcome in ("feasible", "infeasible") and latency in r.metrics]
+    values = {r.number: (r.metrics.value(throughput), r.metrics.value(latency)) for r in rows if r.measured}
+    pts = [r for r in rows if r.number in values and None not in values[r.number]]
     front = [
         r for r in pts
         if not any(
-            o.metrics[throughput] >= r.metrics[throughput] and o.metrics[latency] <= r.metrics[latency]
-            and (o.metrics[throughput] > r.metrics[throughput] or o.metrics[latency] < r.metrics[latency])
+            values[o.number][0] >= values[r.number][0] and values[o.number][1] <= values[r.number][1]
+            and values[o.number] != values[r.number]
             for o in pts
         )
     ]
-    return sorted(front, key=lambda r: r.metrics[throughput])
+    return sorted(front, key=lambda r: values[r.number][0])
 
 
 def load_result(storage: str, study_name: str | None = None) -> StudyResult:
@@ -308,22 +317,23 @@ def summary_text(result: StudyResult) -> str:
 
 def _measured(row: TrialRow) -> str:
     m = row.metrics
-    text = f"PEFT {m.get('peft_samples_per_s', 0):.3f} samples/s"
-    if "ttft_p99_ms" in m:
-        text += f", P99 TTFT {m['ttft_p99_ms']:.1f} ms, P99 TPOT {m['tpot_p99_ms']:.2f} ms"
+    text = f"PEFT {row.peft_samples_per_s:.3f} samples/s"
+    if m.serving is not None:
+        text += f", P99 TTFT {m.ttft_p99_ms:.1f} ms, P99 TPOT {m.tpot_p99_ms:.2f} ms"
     return text
 
 
 def _setting_lines(result: StudyResult, row: TrialRow, title: str) -> list[str]:
     m = row.metrics
     lines = [f"{title} (trial {row.number}): {format_params(row.params)}"]
-    detail = f"  PEFT {m.get('peft_samples_per_s', 0):.3f} samples/s ({m.get('peft_tokens_per_s', 0):.0f} tokens/s)"
-    if "ttft_p99_ms" in m:
-        detail += f"; P99 TTFT {m['ttft_p99_ms']:.1f} ms, P99 TPOT {m['tpot_p99_ms']:.2f} ms"
+    tokens_per_s = m.peft.peft_tokens_per_s if m.peft is not None else 0.0
+    detail = f"  PEFT {row.peft_samples_per_s:.3f} samples/s ({tokens_per_s:.0f} tokens/s)"
+    if m.serving is not None:
+        detail += f"; P99 TTFT {m.ttft_p99_ms:.1f} ms, P99 TPOT {m.tpot_p99_ms:.2f} ms"
     lines.append(detail)
-    ceiling = result.references.get("trainer_alone", {}).get("metrics", {}).get("peft_samples_per_s")
+    ceiling = result.trainer_alone_samples_per_s
     if ceiling:
-        lines.append(f"  = {m.get('peft_samples_per_s', 0) / ceiling:.0%} of the trainer alone ({ceiling:.3f} samples/s)")
+        lines.append(f"  = {row.peft_samples_per_s / ceiling:.0%} of the trainer alone ({ceiling:.3f} samples/s)")
     return lines
 
 

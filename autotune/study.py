@@ -22,7 +22,6 @@ import os
 import signal
 import time
 from collections.abc import Mapping
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +34,8 @@ from autotune.context import StudyConfig, StudyContext, StudyObserver, study_wor
 from autotune.errors import EnvironmentFailure, UserError, os_error
 from autotune.figures import FigurePreset, get_figure
 from autotune.knobs import SearchSpace
-from autotune.metrics import LatencyStats, ServingMetrics
 from autotune.models import ModelConfig, resolve_model
+from autotune.records import RANGE_IDENTITY, migrate_identity, reference_metrics
 from autotune.distinct import DistinctSampler, sampler_seed
 from autotune.interrupts import InterruptGate
 from autotune.samplers import make_sampler
@@ -164,7 +163,7 @@ def _identity(ctx_config: StudyConfig, model: ModelConfig, rate: float, workload
         "model": model.name,
         "rate_req_s": rate,
         "workload_digest": _workload_digest(workload),
-        "search_space": {k.name: [k.low, k.high, k.step, k.log] for k in space},
+        "search_space": {k.name: {f: k.range_record()[f] for f in RANGE_IDENTITY} for k in space},
         "lora_rank": ctx_config.lora_rank if ctx_config.lora_dist is not None else None,
         "warmup_s": ctx_config.warmup_s,  # trainer steps left out of PEFT throughput
         # Only where it is not the default, so that studies made before there
@@ -198,7 +197,7 @@ def prepare(config: StudyConfig, backend: Backend, *, worker_id: int = 0) -> Stu
     name = config.study_name or default_study_name(config, rate, backend.name)
     existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
     if name in existing:
-        stored = existing[name].user_attrs.get("identity")
+        stored = migrate_identity(existing[name].user_attrs.get("identity"))
         if stored is not None and stored != json.loads(json.dumps(identity)):
             diff = sorted(k for k in {**stored, **identity}
                           if json.dumps(identity.get(k)) != json.dumps(stored.get(k)))
@@ -236,7 +235,7 @@ def _config_record(config: StudyConfig, figure: FigurePreset, model: ModelConfig
         "model": model.name,
         "lora_dist": config.lora_dist,
         "lora_rank": config.lora_rank if figure.lora_adapters else None,
-        "search_space": {k.name: k.describe_range() for k in space},
+        "search_space": {k.name: k.range_record() for k in space},
         "search_space_source": space.source,
         "backend": backend.describe(),
     }
@@ -315,20 +314,21 @@ def run_references(ctx: StudyContext, observer: StudyObserver) -> None:
         if record is None:
             observer.on_progress(0.0, f"reference run: {kind.value.replace('_', ' ')}")
             result = ctx.backend.run_trial(_reference_spec(ctx, kind), observer.on_progress)
-            record = {"metrics": result.metrics(), "error": result.error, "result": _result_record(result)}
+            record = {"metrics": result.measured().to_dict(), "error": result.error}
             if result.error is None:
                 try:
                     cache.put(key, record)
                 except OSError as e:
                     raise os_error(e, f"cannot write {cache.path}") from None
         ctx.references[kind.value] = record
-        observer.on_reference(ctx, kind.value, record["metrics"], cached)
+        observer.on_reference(ctx, kind.value, reference_metrics(record), cached)
     ctx.study.set_user_attr("references", ctx.references)
 
     if ctx.workload is None:
         ctx.slo = None
         return
-    ref = _result_from_record(ctx.references[TrialKind.SERVING_ALONE.value])
+    serving_alone = ctx.references[TrialKind.SERVING_ALONE.value]
+    ref = TrialResult(serving=reference_metrics(serving_alone).serving, peft=None, error=serving_alone.get("error"))
     if "slo" in ctx.study.user_attrs and ctx.study.trials:
         ctx.slo = ResolvedSlo.from_dict(ctx.study.user_attrs["slo"])
         new = resolve(ctx.config.slo, ref, ctx.model)
@@ -341,23 +341,6 @@ def run_references(ctx: StudyContext, observer: StudyObserver) -> None:
     else:
         ctx.slo = resolve(ctx.config.slo, ref, ctx.model)
         ctx.study.set_user_attr("slo", ctx.slo.to_dict())
-
-
-def _result_record(result: TrialResult) -> dict[str, Any]:
-    return {
-        "serving": asdict(result.serving) if result.serving is not None else None,
-        "error": result.error,
-    }
-
-
-def _result_from_record(record: dict[str, Any]) -> TrialResult:
-
-    s = record["result"]["serving"]
-    serving = None
-    if s is not None:
-        stats = {k: LatencyStats(**s[k]) for k in ("ttft", "tpot", "itl", "e2el")}
-        serving = ServingMetrics(**{**s, **stats})
-    return TrialResult(serving=serving, peft=None, error=record["result"]["error"])
 
 
 # ---------------------------------------------------------------- trials
@@ -378,17 +361,16 @@ def record_trial(ctx: StudyContext, trial: optuna.Trial, result: TrialResult) ->
     margins = constraint_margins(result, ctx.slo)
     for key, value in margins.items():
         trial.set_constraint(key, value)
-    metrics = result.metrics()
-    trial.set_user_attr("metrics", metrics)
+    trial.set_user_attr("metrics", result.measured().to_dict())
     outcome = Outcome.CRASHED if result.crashed else Outcome.FEASIBLE if feasible(margins) else Outcome.INFEASIBLE
     trial.set_user_attr("outcome", outcome.value)
     if result.error is not None:
         trial.set_user_attr("error", result.error)
     if result.notes:
         trial.set_user_attr("notes", list(result.notes))
-    peft = 0.0 if result.crashed else metrics.get("peft_samples_per_s", 0.0)
+    peft = 0.0 if result.crashed or result.peft is None else result.peft.peft_samples_per_s
     if ctx.config.objective == "pareto":
-        return objective_values(peft, metrics, ctx.slo)
+        return objective_values(peft, result.metrics(), ctx.slo)
     return peft
 
 

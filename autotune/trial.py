@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from autotune.metrics import PeftMetrics, ServingMetrics
+from autotune.metrics import PeftMetrics, ServingMetrics, TrialMetrics
 from autotune.models import ModelConfig
 from autotune.policy import SharingPolicy
 from autotune.workloads.spec import Workload
@@ -79,18 +79,17 @@ class TrialResult:
     def crashed(self) -> bool:
         return self.error is not None
 
+    def measured(self) -> TrialMetrics:
+        """What it measured, nested, as a study stores it: the backend's
+        numeric extras apart from serving and PEFT."""
+        backend = {k: float(v) for k, v in self.extra.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        return TrialMetrics(serving=self.serving, peft=self.peft, wall_s=self.wall_s, backend=backend)
+
     def metrics(self) -> dict[str, float]:
-        """Flat metrics with units in their names: ``ttft_p99_ms``, ``peft_samples_per_s``."""
-        out: dict[str, float] = {}
-        if self.serving is not None:
-            out.update(self.serving.flat())
-        if self.peft is not None:
-            out.update(self.peft.flat())
-        out["trial_wall_s"] = self.wall_s
-        for k, v in self.extra.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                out[k] = float(v)
-        return out
+        """``measured()`` flat, with units in the names (``ttft_p99_ms``,
+        ``peft_samples_per_s``): what fits and tables look metrics up by."""
+        return self.measured().flat()
 
     @classmethod
     def crash(cls, reason: str, wall_s: float = 0.0) -> TrialResult:

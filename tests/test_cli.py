@@ -19,6 +19,7 @@ from autotune.cli import app
 from autotune.live import MAX_ROWS
 from autotune.slo import CRASH_VIOLATION, PAPER_SLO_SOURCE
 from autotune.systems import SYSTEMS, get_system
+from autotune.testing.records import made_up_metrics
 
 from tests.sim.test_profile import CARRIED
 
@@ -122,8 +123,8 @@ def test_end_to_end_json(base):
     assert slo == {"ttft_p99_ms": 500.0, "tpot_p99_ms": 50.0, "ttft_basis": PAPER_SLO_SOURCE,
                    "tpot_basis": PAPER_SLO_SOURCE}
     ref = doc["reference"]
-    assert ref["serving_alone"]["ttft_p99_ms"] > 0  # still made: the PEFT/latency baseline
-    assert ref["trainer_alone"]["peft_samples_per_s"] > 0
+    assert ref["serving_alone"]["serving"]["ttft"]["p99_ms"] > 0  # still made: the PEFT/latency baseline
+    assert ref["trainer_alone"]["peft"]["samples_per_s"] > 0 and ref["trainer_alone"]["serving"] is None
     info = doc["backend_info"]
     assert (info["hardware"], info["gpus"], info["profile_status"]) == ("2x-rtx3090", 2, "modelled")
     trials = doc["trials"]
@@ -131,15 +132,15 @@ def test_end_to_end_json(base):
     for t in trials:
         assert {"number", "state", "params", "metrics", "constraints"} <= set(t)
         assert t["state"] == "COMPLETE" and set(t["constraints"]) == {"ttft_p99", "tpot_p99"}
-        assert {"peft_samples_per_s", "ttft_p99_ms", "tpot_p99_ms"} <= set(t["metrics"])
+        assert t["metrics"]["serving"]["completed"] == 40 and t["metrics"]["peft"]["samples_per_s"] > 0
+        assert t["metrics"]["backend"]["sim_events"] > 0  # the backend's own figures, apart
     assert trials[0]["params"] == LLMSTATION_DEFAULTS  # the artifact's example first
     best = doc["best"]  # the simulator without noise is deterministic: this study has a feasible trial
     assert best is not None and best["feasible"] is True
-    assert {"peft_samples_per_s", "ttft_p99_ms", "tpot_p99_ms"} <= set(best["metrics"])
-    assert best["metrics"]["ttft_p99_ms"] <= slo["ttft_p99_ms"]
-    assert best["metrics"]["tpot_p99_ms"] <= slo["tpot_p99_ms"]
+    serving = best["metrics"]["serving"]
+    assert serving["ttft"]["p99_ms"] <= slo["ttft_p99_ms"] and serving["tpot"]["p99_ms"] <= slo["tpot_p99_ms"]
     feasible = [t for t in trials if all(v <= 0 for v in t["constraints"].values())]
-    assert best["metrics"]["peft_samples_per_s"] == max(t["metrics"]["peft_samples_per_s"] for t in feasible)
+    assert best["metrics"]["peft"]["samples_per_s"] == max(t["metrics"]["peft"]["samples_per_s"] for t in feasible)
 
 
 def test_output_is_plain_lines_when_not_a_terminal(base):
@@ -249,7 +250,7 @@ def test_fig12_trains_without_serving(tmp_path):
     doc = json.loads(out.read_text())
     assert doc["slo"] is None and "serving_alone" not in doc["reference"]
     for t in doc["trials"]:
-        assert "ttft_p99_ms" not in t["metrics"] and t["metrics"]["peft_samples_per_s"] > 0
+        assert t["metrics"]["serving"] is None and t["metrics"]["peft"]["samples_per_s"] > 0
     assert doc["best"] is not None  # nothing to violate without serving
 
 
@@ -297,8 +298,7 @@ def test_show_lists_every_trial_of_a_long_study(tmp_path):
     for i in range(30):
         study.add_trial(optuna.trial.create_trial(
             value=i / 100, params={"mps_active_thread_pct": i + 1}, distributions={"mps_active_thread_pct": dist},
-            user_attrs={"outcome": "feasible", "metrics": {"peft_samples_per_s": i / 100, "ttft_p99_ms": 50.0,
-                                                           "tpot_p99_ms": 8.0 + i / 100}},
+            user_attrs={"outcome": "feasible", "metrics": made_up_metrics(i / 100, 50.0, 8.0 + i / 100).to_dict()},
             constraints={"ttft_p99": -0.1, "tpot_p99": -0.1}))
     text = ok(invoke("show", "long", "--storage", storage, "--pareto")).output
     numbers = {int(line.split("│")[1]) for line in text.splitlines() if line.count("│") > 3

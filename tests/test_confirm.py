@@ -12,7 +12,7 @@ from autotune.errors import UserError
 from autotune.metrics import serving_metrics
 from autotune.results import StudyResult, summary_text, write_json
 from autotune.study import StudyConfig, run_study
-from autotune.trial import TrialResult
+from autotune.trial import Outcome, TrialResult
 
 from tests.test_study import RELATIVE_SLO, ScriptedBackend
 
@@ -55,13 +55,13 @@ def _pct(row) -> int:
 
 
 def test_verdict():
-    ok1, ok2 = Confirmation(1, "feasible"), Confirmation(2, "feasible")
-    miss2, miss3 = Confirmation(2, "infeasible"), Confirmation(3, "infeasible")
+    ok1, ok2 = Confirmation(1, Outcome.FEASIBLE), Confirmation(2, Outcome.FEASIBLE)
+    miss2, miss3 = Confirmation(2, Outcome.INFEASIBLE), Confirmation(3, Outcome.INFEASIBLE)
     assert verdict([], [1, 2]) is None and verdict([ok1], [1, 2]) is None
     assert verdict([ok1, ok2], [1, 2]) is True
     assert verdict([miss2], [1, 2]) is False and verdict([ok1, miss2], [1, 2]) is False
     assert verdict([ok1, ok2, miss3], [1, 2]) is True  # a miss on a workload no longer asked for
-    assert verdict([Confirmation(1, "crashed", error="x")], [1]) is False
+    assert verdict([Confirmation(1, Outcome.CRASHED, error="x")], [1]) is False
 
 
 def test_recommends_the_best_setting_that_holds_on_fresh_workloads(tmp_path):

@@ -16,13 +16,16 @@ from autotune.live import MAX_ROWS, LiveReporter, PlainReporter, confirmation_te
 from autotune.results import StudyResult, TrialRow
 from autotune.slo import SloSpec
 from autotune.study import StudyConfig, prepare, run_study
+from autotune.testing.records import made_up_metrics
+from autotune.metrics import TrialMetrics
+from autotune.trial import Outcome
 
 KNOBS = ["mps_active_thread_pct"]
 
 
 def _row(number: int, pct: int, ttft_ms: float, tpot_ms: float, peft: float, outcome: str,
          error: str | None = None) -> TrialRow:
-    metrics = {"ttft_p99_ms": ttft_ms, "tpot_p99_ms": tpot_ms, "peft_samples_per_s": peft}
+    metrics = made_up_metrics(peft, ttft_ms, tpot_ms)
     return TrialRow(number, "COMPLETE", outcome, {"mps_active_thread_pct": pct}, metrics, {}, error)
 
 
@@ -65,9 +68,9 @@ def test_without_an_slo_latencies_are_not_coloured():
 
 
 def test_crashed_and_running_rows():
-    crashed = TrialRow(3, "COMPLETE", "crashed", {"mps_active_thread_pct": 35}, {"trial_wall_s": 1.0}, {},
+    crashed = TrialRow(3, "COMPLETE", "crashed", {"mps_active_thread_pct": 35}, made_up_metrics(wall_s=1.0), {},
                        "trainer out of memory")
-    running = TrialRow(4, "RUNNING", "running", {}, {}, {})
+    running = TrialRow(4, "RUNNING", "running", {}, TrialMetrics(), {})
     table = trial_table([crashed, running], KNOBS, 60.0, 12.0)
     text = _render_text(table)
     assert "crashed: trainer out of memory" in text
@@ -158,8 +161,7 @@ def test_plain_reporter_writes_one_line_per_trial(ctx):
     t = optuna.trial.create_trial(
         value=1.8, params={"mps_active_thread_pct": 60},
         distributions={"mps_active_thread_pct": optuna.distributions.IntDistribution(10, 100, step=5)},
-        user_attrs={"outcome": "feasible", "metrics": {"ttft_p99_ms": 59.04, "tpot_p99_ms": 8.004,
-                                                         "peft_samples_per_s": 1.8}},
+        user_attrs={"outcome": "feasible", "metrics": made_up_metrics(1.8, 59.04, 8.004).to_dict()},
     )
     t.number = 5
     reporter.on_trial_end(ctx, t)
@@ -195,11 +197,9 @@ def test_live_reporter_on_a_terminal(tmp_path):
 
 
 def test_confirmation_lines_are_coloured_by_outcome():
-    records = [(4, Confirmation(1_000_001, "feasible", {"ttft_p99_ms": 50.0, "tpot_p99_ms": 8.0,
-                                                        "peft_samples_per_s": 1.5})),
-               (4, Confirmation(1_000_002, "infeasible", {"ttft_p99_ms": 70.0, "tpot_p99_ms": 8.1,
-                                                          "peft_samples_per_s": 1.5})),
-               (2, Confirmation(1_000_001, "crashed", error="vLLM server died"))]
+    records = [(4, Confirmation(1_000_001, Outcome.FEASIBLE, made_up_metrics(1.5, 50.0, 8.0))),
+               (4, Confirmation(1_000_002, Outcome.INFEASIBLE, made_up_metrics(1.5, 70.0, 8.1))),
+               (2, Confirmation(1_000_001, Outcome.CRASHED, error="vLLM server died"))]
     segs = _segments(confirmation_text(records))
     text = " ".join(t for t, _ in segs)
     assert "confirm #4 on workload seed 1000001: P99 TTFT 50.0 ms, P99 TPOT 8.00 ms, 1.500 samples/s" in text

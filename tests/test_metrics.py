@@ -1,11 +1,15 @@
 """Metrics against hand-computed cases (numpy percentiles: linear interpolation)."""
 
+import json
+from dataclasses import replace
+
 import pytest
 
 from autotune.metrics import (
     LatencyStats,
     RequestRecord,
     TrainerIteration,
+    TrialMetrics,
     goodput_req_s,
     peft_metrics,
     serving_metrics,
@@ -115,3 +119,46 @@ def test_peft_iteration_spanning_the_window_and_none():
     assert p.peft_tokens_per_s == pytest.approx(200 / 2)
     assert p.iterations == pytest.approx(0.2)
     assert peft_metrics([], 0.0, 5.0).peft_samples_per_s == 0.0
+
+
+# ---------------------------------------------------------------- a trial's metrics, as stored
+
+
+def _trial_metrics() -> TrialMetrics:
+    peft = peft_metrics([TrainerIteration(0.0, 1.0, SAMPLE_TOKENS * 2)], 0.0, 1.0)
+    return TrialMetrics(serving=serving_metrics(RECORDS), peft=peft, wall_s=3.5, backend={"sim_events": 1234.0})
+
+
+def test_trial_metrics_are_nested_and_read_back_whole():
+    m = _trial_metrics()
+    d = m.to_dict()
+    assert set(d) == {"serving", "peft", "wall_s", "backend"}
+    assert d["serving"]["ttft"] == {"mean_ms": pytest.approx(700 / 3), "p50_ms": pytest.approx(200),
+                                    "p90_ms": pytest.approx(360), "p99_ms": pytest.approx(396)}
+    assert d["serving"]["failed"] == 2 and d["serving"]["total_input_tokens"] == 600
+    assert d["peft"] == {"samples_per_s": 2.0, "tokens_per_s": 2.0 * SAMPLE_TOKENS, "iterations": 1.0,
+                         "window_s": 1.0}
+    assert d["backend"] == {"sim_events": 1234.0}  # apart from serving and PEFT
+    assert TrialMetrics.from_dict(json.loads(json.dumps(d))) == m
+    assert (m.ttft_p99_ms, m.tpot_p99_ms, m.peft_samples_per_s) == (pytest.approx(396), pytest.approx(248.5), 2.0)  # TPOT [100, 250]
+
+
+def test_flat_is_the_nested_record_under_the_lookup_names():
+    m = _trial_metrics()
+    flat = m.flat()
+    assert flat["ttft_p99_ms"] == m.ttft_p99_ms and flat["peft_samples_per_s"] == 2.0
+    assert flat["trial_wall_s"] == 3.5 and flat["sim_events"] == 1234.0
+    assert m.value("tpot_p50_ms") == m.serving.tpot.p50_ms and m.value("no_such_metric") is None
+
+
+def test_a_flat_record_of_an_earlier_version_reads_as_the_same_metrics():
+    """Studies stored metrics flat before they were nested: they still load,
+    the same numbers in the same places (the input-token total was not kept)."""
+    m = _trial_metrics()
+    old = TrialMetrics.from_dict(json.loads(json.dumps(m.flat())))
+    assert old.serving == replace(m.serving, total_input_tokens=None)
+    assert old.peft == m.peft and old.wall_s == 3.5 and dict(old.backend) == {"sim_events": 1234.0}
+    trainer_alone = TrialMetrics.from_dict({"peft_samples_per_s": 3.0, "peft_tokens_per_s": 1536.0,
+                                            "peft_iterations": 10.0, "peft_window_s": 5.0, "trial_wall_s": 6.0})
+    assert trainer_alone.serving is None and trainer_alone.peft_samples_per_s == 3.0
+    assert TrialMetrics.from_dict({}) == TrialMetrics()  # a trial that stored none (crashed before measuring)

@@ -22,8 +22,10 @@ from autotune.results import (
     tradeoff_curve,
     write_json,
 )
+from autotune.metrics import TrialMetrics
 from autotune.trial import Outcome
 from autotune.slo import CRASH_VIOLATION
+from autotune.testing.records import made_up_metrics
 
 PCT = optuna.distributions.IntDistribution(10, 100, step=5)
 SLO = {"ttft_p99_ms": 60.0, "tpot_p99_ms": 12.0, "ttft_basis": "absolute", "tpot_basis": "absolute"}
@@ -33,11 +35,11 @@ CONFIG = {"system": "vllm-torchtune", "figure": "fig8a", "rate_req_s": 2.0, "mod
 
 def _finished(pct: int, outcome: str, peft: float, ttft_ms: float, *, error: str | None = None):
     if outcome == "crashed":
-        metrics, margins = {"trial_wall_s": 0.5}, {"ttft_p99": CRASH_VIOLATION, "tpot_p99": CRASH_VIOLATION}
+        metrics, margins = made_up_metrics(wall_s=0.5), {"ttft_p99": CRASH_VIOLATION, "tpot_p99": CRASH_VIOLATION}
     else:
-        metrics = {"peft_samples_per_s": peft, "ttft_p99_ms": ttft_ms, "tpot_p99_ms": 8.0}
+        metrics = made_up_metrics(peft, ttft_ms, 8.0)
         margins = {"ttft_p99": ttft_ms / 60.0 - 1.0, "tpot_p99": 8.0 / 12.0 - 1.0}
-    attrs = {"metrics": metrics, "outcome": outcome}
+    attrs = {"metrics": metrics.to_dict(), "outcome": outcome}
     if error:
         attrs["error"] = error
     return optuna.trial.create_trial(
@@ -53,7 +55,7 @@ def study() -> optuna.Study:
     s = optuna.create_study(direction="maximize", study_name="s")
     s.set_user_attr("config", CONFIG)
     s.set_user_attr("slo", SLO)
-    s.set_user_attr("references", {"trainer_alone": {"metrics": {"peft_samples_per_s": 3.0}}})
+    s.set_user_attr("references", {"trainer_alone": {"metrics": made_up_metrics(3.0).to_dict()}})
     s.add_trial(_finished(60, "feasible", 1.8, 59.0))
     s.add_trial(_finished(80, "infeasible", 2.4, 69.0))
     s.add_trial(_finished(35, "crashed", 0.0, 0.0, error="trainer out of memory"))
@@ -75,7 +77,7 @@ def test_rows_of_frozen_trials(study):
     assert infeasible.constraints["ttft_p99"] == pytest.approx(0.15)
     assert crashed.constraints == {"ttft_p99": CRASH_VIOLATION, "tpot_p99": CRASH_VIOLATION}
     assert crashed.error == "trainer out of memory" and crashed.peft_samples_per_s == 0.0
-    assert running.params == {} and running.metrics == {} and running.constraints == {}
+    assert running.params == {} and running.metrics == TrialMetrics() and running.constraints == {}
 
 
 def test_a_failed_trial_without_outcome_is_failed():
@@ -96,8 +98,7 @@ def test_best_is_the_highest_feasible_throughput(study):
 
 
 def _row(number: int, peft: float, tpot_ms: float, outcome: str = "feasible") -> TrialRow:
-    return TrialRow(number, "COMPLETE", outcome, {"k": number},
-                    {"peft_samples_per_s": peft, "tpot_p99_ms": tpot_ms}, {})
+    return TrialRow(number, "COMPLETE", outcome, {"k": number}, made_up_metrics(peft, 50.0, tpot_ms), {})
 
 
 def test_best_ties_go_to_the_lowest_number():
@@ -123,17 +124,17 @@ def test_tradeoff_curve_of_known_points():
     ]
     front = tradeoff_curve(rows)
     assert [r.number for r in front] == [0, 1, 5, 3]  # sorted by throughput
-    assert [r.metrics["peft_samples_per_s"] for r in front] == [1.0, 2.0, 2.0, 3.0]
+    assert [r.peft_samples_per_s for r in front] == [1.0, 2.0, 2.0, 3.0]
 
 
 def test_tradeoff_curve_skips_rows_without_the_metrics():
-    rows = [_row(0, 1.0, 5.0), TrialRow(1, "COMPLETE", "feasible", {}, {"peft_samples_per_s": 5.0}, {})]
+    rows = [_row(0, 1.0, 5.0), TrialRow(1, "COMPLETE", "feasible", {}, made_up_metrics(5.0), {})]
     assert [r.number for r in tradeoff_curve(rows)] == [0]
     assert tradeoff_curve([]) == []
 
 
 def test_tradeoff_curve_on_another_latency():
-    rows = [TrialRow(i, "COMPLETE", "feasible", {}, {"peft_samples_per_s": p, "ttft_p99_ms": t}, {})
+    rows = [TrialRow(i, "COMPLETE", "feasible", {}, made_up_metrics(p, t, 8.0), {})
             for i, (p, t) in enumerate([(1.0, 50.0), (2.0, 40.0), (3.0, 70.0)])]
     assert [r.number for r in tradeoff_curve(rows, latency="ttft_p99_ms")] == [1, 2]
 
@@ -145,10 +146,12 @@ def test_to_dict_and_write_json(study, tmp_path):
     assert (doc["system"], doc["figure"], doc["rate_req_s"], doc["backend"], doc["model"]) == (
         "vllm-torchtune", "fig8a", 2.0, "sim", "llama-3.1-8b")
     assert doc["slo"]["ttft_p99_ms"] == 60.0 and doc["slo"]["tpot_p99_ms"] == 12.0
-    assert doc["reference"] == {"trainer_alone": {"peft_samples_per_s": 3.0}}
+    assert doc["reference"] == {"trainer_alone": made_up_metrics(3.0).to_dict()}
     assert doc["best"] == {"number": 0, "params": {"mps_active_thread_pct": 60},
-                           "metrics": {"peft_samples_per_s": 1.8, "ttft_p99_ms": 59.0, "tpot_p99_ms": 8.0},
-                           "feasible": True, "confirmed": None}
+                           "metrics": made_up_metrics(1.8, 59.0, 8.0).to_dict(), "feasible": True, "confirmed": None}
+    best = doc["best"]["metrics"]  # nested: serving (a latency summary per metric), PEFT, backend extras apart
+    assert (best["serving"]["ttft"]["p99_ms"], best["serving"]["tpot"]["p99_ms"], best["peft"]["samples_per_s"]) == (
+        59.0, 8.0, 1.8)
     assert doc["confirmation"] is None  # never asked for
     assert [t["number"] for t in doc["trials"]] == [0, 1, 2, 3, 4]
     assert doc["trials"][2]["error"] == "trainer out of memory"
@@ -172,8 +175,9 @@ def test_written_json_follows_its_schema_and_says_when_and_by_what(study, tmp_pa
     assert [t["outcome"] for t in doc["trials"]] == ["feasible", "infeasible", "crashed", "feasible", "running"]
     for broken in ({**doc, "trials": [{**doc["trials"][0], "outcome": "great"}]},  # not an outcome
                    {k: v for k, v in doc.items() if k != "versions"},
-                   {**doc, "schema_version": 2},
-                   {**doc, "trials": [{**doc["trials"][0], "ttft_p99_ms": 1.0}]}):  # metrics belong in metrics
+                   {**doc, "schema_version": 1},
+                   {**doc, "trials": [{**doc["trials"][0], "ttft_p99_ms": 1.0}]},  # metrics belong in metrics
+                   {**doc, "trials": [{**doc["trials"][0], "metrics": {"ttft_p99_ms": 1.0}}]}):  # nested, not flat
         with pytest.raises(jsonschema.ValidationError):
             validator.validate(broken)
 
@@ -197,14 +201,15 @@ def test_outcomes_are_read_as_the_enum():
 
 
 def test_write_json_writes_null_for_inf_and_nan(tmp_path):
-    row = TrialRow(0, "COMPLETE", "infeasible", {"k": 1.0},
-                   {"peft_samples_per_s": 1.0, "tpot_p99_ms": math.inf, "ttft_p99_ms": math.nan}, {"x": math.inf})
+    row = TrialRow(0, "COMPLETE", "infeasible", {"k": 1.0}, made_up_metrics(1.0, math.nan, math.inf), {"x": math.inf})
     path = tmp_path / "out.json"
     write_json(StudyResult("s", {}, None, {}, (row,)), path)
     text = path.read_text()
     assert "Infinity" not in text and "NaN" not in text
     trial = json.loads(text)["trials"][0]
-    assert trial["metrics"] == {"peft_samples_per_s": 1.0, "tpot_p99_ms": None, "ttft_p99_ms": None}
+    serving = trial["metrics"]["serving"]
+    assert (trial["metrics"]["peft"]["samples_per_s"], serving["tpot"]["p99_ms"], serving["ttft"]["p99_ms"]) == (
+        1.0, None, None)
     assert trial["constraints"] == {"x": None}
 
 

@@ -12,6 +12,7 @@ import pytest
 from autotune.backends import Backend
 from autotune.errors import EnvironmentFailure, UserError
 from autotune.metrics import PeftMetrics, RequestRecord, serving_metrics
+from autotune.records import TrialRow, reference_metrics
 from autotune.results import StudyResult, write_json
 from autotune.slo import CRASH_VIOLATION, SloSpec
 from autotune.samplers import N_STARTUP_TRIALS, SAMPLERS
@@ -100,7 +101,7 @@ def test_margins_are_relative_and_signed(tmp_path):
     assert t.constraints["ttft_p99"] == pytest.approx(69 / 60 - 1)
     assert t.constraints["tpot_p99"] == pytest.approx(8 / 12 - 1)
     assert t.user_attrs["outcome"] == "infeasible"
-    assert t.user_attrs["metrics"]["ttft_p99_ms"] == pytest.approx(69.0)
+    assert t.user_attrs["metrics"]["serving"]["ttft"]["p99_ms"] == pytest.approx(69.0)
 
 
 def test_absolute_slo(tmp_path):
@@ -207,10 +208,10 @@ def test_results_json(tmp_path):
     assert doc["system"] == "vllm-torchtune" and doc["figure"] == "fig8a" and doc["rate_req_s"] == 2.0
     assert doc["backend"] == "scripted" and doc["model"] == "llama-3.1-8b"
     assert doc["slo"]["ttft_p99_ms"] == pytest.approx(60.0)
-    assert doc["reference"]["serving_alone"]["ttft_p99_ms"] == pytest.approx(30.0)
-    assert doc["reference"]["trainer_alone"]["peft_samples_per_s"] == 3.0
+    assert doc["reference"]["serving_alone"]["serving"]["ttft"]["p99_ms"] == pytest.approx(30.0)
+    assert doc["reference"]["trainer_alone"]["peft"]["samples_per_s"] == 3.0
     assert doc["best"]["params"] == {"mps_active_thread_pct": 60}
-    assert doc["best"]["metrics"]["peft_samples_per_s"] == pytest.approx(1.8)
+    assert doc["best"]["metrics"]["peft"]["samples_per_s"] == pytest.approx(1.8)
     assert len(doc["trials"]) == 19
     assert {"number", "state", "params", "metrics", "constraints"} <= set(doc["trials"][0])
 
@@ -322,3 +323,38 @@ def test_a_setting_interrupted_is_queued_again_and_a_queued_one_is_not_doubled(t
     ctx = run_study(_config(tmp_path, settings=settings), ScriptedBackend(), n_trials=2)
     done = [t.params["mps_active_thread_pct"] for t in ctx.study.trials if t.state.name == "COMPLETE"]
     assert sorted(done) == [20, 30, 40] and enqueue_settings(ctx) == 0
+
+
+def test_a_study_stored_by_an_earlier_version_resumes_and_reads(tmp_path):
+    """Before metrics were nested and the search space kept as data, a study
+    stored flat metrics, each knob's range as [low, high, step, log] in its
+    identity, the range as display text in its config, and references with
+    flat metrics: such a study resumes (same identity), keeps its SLO, and its
+    trials read back with their numbers."""
+    ctx = run_study(_config(tmp_path), ScriptedBackend(), n_trials=2)
+    study, attrs = ctx.study, ctx.study.user_attrs
+    identity = {**attrs["identity"], "search_space": {k: [v["low"], v["high"], v["step"], v["log"]]
+                                                      for k, v in attrs["identity"]["search_space"].items()}}
+    old = optuna.create_study(study_name="old", storage=ctx.storage, direction="maximize")
+    old.set_user_attr("identity", identity)
+    old.set_user_attr("config", {**attrs["config"], "search_space": {"mps_active_thread_pct": "10–100 %, step 5"}})
+    old.set_user_attr("slo", attrs["slo"])
+    flat_refs = {kind: {"metrics": reference_metrics(r).flat(), "error": None,
+                        "result": {"serving": None, "error": None}} for kind, r in attrs["references"].items()}
+    old.set_user_attr("references", flat_refs)
+    for t in study.trials:
+        old.add_trial(optuna.trial.create_trial(
+            state=t.state, value=t.value, params=t.params, distributions=t.distributions, constraints=t.constraints,
+            user_attrs={**t.user_attrs, "metrics": TrialRow.of(t).metrics.flat()}))
+
+    resumed = run_study(_config(tmp_path, study_name="old"), ScriptedBackend(), n_trials=2)
+    assert len(resumed.study.trials) == 4 and resumed.slo == ctx.slo
+    result = StudyResult.of(resumed.study)
+    before = StudyResult.of(study)
+    assert [r.metrics.ttft_p99_ms for r in result.rows[:2]] == [r.metrics.ttft_p99_ms for r in before.rows]
+    assert [r.peft_samples_per_s for r in result.rows[:2]] == [r.peft_samples_per_s for r in before.rows]
+    assert result.trainer_alone_samples_per_s == before.trainer_alone_samples_per_s == 3.0
+    # its range, as data, from the identity (unit, type and default were not kept)
+    assert result.search_space == {"mps_active_thread_pct": {"low": 10, "high": 100, "step": 5, "log": False}}
+    assert before.search_space == {"mps_active_thread_pct": {"type": "int", "unit": "%", "low": 10, "high": 100,
+                                                             "step": 5, "log": False, "default": 80}}

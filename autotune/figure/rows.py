@@ -232,14 +232,14 @@ def study_row(result: StudyResult) -> FigureRow:
     cfg = result.config
     finished = [r for r in result.rows if r.state == "COMPLETE"]
     best = result.best
-    ceiling = result.references.get("trainer_alone", {}).get("metrics", {}).get("peft_samples_per_s")
+    ceiling = result.trainer_alone_samples_per_s
     return FigureRow(
         system=str(cfg.get("system")),
         rate_req_s=float(cfg.get("rate_req_s", 0.0)),
         best_knobs=dict(best.params) if best is not None else None,
         peft_samples_per_s=best.peft_samples_per_s if best is not None else 0.0,
-        ttft_p99_ms=best.metrics.get("ttft_p99_ms") if best is not None else None,
-        tpot_p99_ms=best.metrics.get("tpot_p99_ms") if best is not None else None,
+        ttft_p99_ms=best.metrics.ttft_p99_ms if best is not None else None,
+        tpot_p99_ms=best.metrics.tpot_p99_ms if best is not None else None,
         feasible_trials=sum(r.feasible for r in finished),
         trials=len(finished),
         trainer_alone_samples_per_s=float(ceiling) if ceiling is not None else None,
@@ -264,7 +264,7 @@ def trial_points(result: StudyResult) -> list[TrialPoint]:
             pauses = get_system(system).policy(r.params).pause_points(layers)
         out.append(TrialPoint(system=system, rate_req_s=float(cfg.get("rate_req_s", 0.0)), number=r.number,
                               params=dict(r.params), peft_samples_per_s=r.peft_samples_per_s,
-                              ttft_p99_ms=r.metrics.get("ttft_p99_ms"), tpot_p99_ms=r.metrics.get("tpot_p99_ms"),
+                              ttft_p99_ms=r.metrics.ttft_p99_ms, tpot_p99_ms=r.metrics.tpot_p99_ms,
                               outcome=r.outcome, pareto_optimal=r.number in pareto,
                               on_ttft_curve=r.number in curves["ttft_p99_ms"],
                               on_tpot_curve=r.number in curves["tpot_p99_ms"], pause_points=pauses))

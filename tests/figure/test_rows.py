@@ -12,14 +12,15 @@ from autotune.figure.rows import (figure_data, figure_rows, lora_variants, pause
                                   trial_points)
 from autotune.figure.run import ProgressEntry, progress_table
 from autotune.results import StudyResult, TrialRow
+from autotune.testing.records import made_up_metrics
 
 SLO = {"ttft_p99_ms": 500.0, "tpot_p99_ms": 50.0, "ttft_basis": "paper", "tpot_basis": "paper"}
 
 
 def _row(number: int, outcome: str, peft: float, ttft: float = 400.0, tpot: float = 40.0,
          params: dict | None = None) -> TrialRow:
-    return TrialRow(number, "COMPLETE", outcome, params or {"knob": float(number)},
-                    {"peft_samples_per_s": peft, "ttft_p99_ms": ttft, "tpot_p99_ms": tpot}, {})
+    return TrialRow(number, "COMPLETE", outcome, params or {"knob": float(number)}, made_up_metrics(peft, ttft, tpot),
+                    {})
 
 
 def _result(system: str, *rows: TrialRow, figure: str = "fig13", lora: tuple[str, int] | None = None,
@@ -29,7 +30,7 @@ def _result(system: str, *rows: TrialRow, figure: str = "fig13", lora: tuple[str
     if lora is not None:
         config.update(lora_dist=lora[0], lora_rank=lora[1])
     return StudyResult(f"{system}-{figure}", config, SLO if rate else None,
-                       {"trainer_alone": {"metrics": {"peft_samples_per_s": 1.25}}}, rows,
+                       {"trainer_alone": {"metrics": made_up_metrics(1.25).to_dict()}}, rows,
                        objective="pareto" if pareto else "peft", pareto_numbers=pareto)
 
 
@@ -54,7 +55,7 @@ def test_fig13_rows_are_compared_per_lora_setting():
 def test_fig10_points_carry_the_curves_and_the_pareto_flags():
     rows = (_row(0, "feasible", 1.0, ttft=300, tpot=30), _row(1, "feasible", 0.5, ttft=200, tpot=35),
             _row(2, "infeasible", 1.2, ttft=600, tpot=32), _row(3, "feasible", 0.4, ttft=350, tpot=36),
-            TrialRow(4, "COMPLETE", "crashed", {"knob": 4.0}, {"peft_samples_per_s": 0.0}, {}))
+            TrialRow(4, "COMPLETE", "crashed", {"knob": 4.0}, made_up_metrics(), {}))
     points = {p.number: p for p in trial_points(_result("llmstation", *rows, figure="fig10", pareto=(0, 1)))}
     assert sorted(points) == [0, 1, 2, 3]  # the crash has nothing to draw
     assert [n for n, p in sorted(points.items()) if p.on_ttft_curve] == [0, 1, 2]  # 3 is beaten by 1
@@ -67,8 +68,8 @@ def test_fig12_points_count_the_pause_points_and_the_text_gives_the_share():
     settings = tasklet_settings((1, 33))
     assert settings[0]["forward_tasklets"] == settings[0]["backward_tasklets"] == 1
     assert settings[1]["forward_wait_s"] == 0.005  # the default; nothing is served, so it never applies
-    rows = (TrialRow(0, "COMPLETE", "feasible", settings[0], {"peft_samples_per_s": 1.0}, {}),
-            TrialRow(1, "COMPLETE", "feasible", settings[1], {"peft_samples_per_s": 1.2}, {}))
+    rows = (TrialRow(0, "COMPLETE", "feasible", settings[0], made_up_metrics(1.0), {}),
+            TrialRow(1, "COMPLETE", "feasible", settings[1], made_up_metrics(1.2), {}))
     data = figure_data("fig12", [_result("llmstation", *rows, figure="fig12", rate=0.0)])
     assert [(p.pause_points, p.pause_points_per_step) for p in data.points] == [((33, 32), 65), ((1, 1), 2)]
     lines = pauses_text(data).splitlines()

@@ -28,6 +28,7 @@ from autotune.errors import UserError
 from autotune.results import StudyResult, TrialRow, load_study_file
 from autotune.study import ReferenceCache
 from autotune.systems import SYSTEMS
+from autotune.testing.records import made_up_metrics
 
 from tests.test_cli import _read_only, env_error, invoke, ok, user_error
 
@@ -35,7 +36,7 @@ SLO = {"ttft_p99_ms": 500.0, "tpot_p99_ms": 50.0, "ttft_basis": "paper", "tpot_b
 
 
 def _row(number: int, outcome: str, peft: float, knob: float = 1.0, state: str = "COMPLETE") -> TrialRow:
-    metrics = {"peft_samples_per_s": peft, "ttft_p99_ms": 400.0 + number, "tpot_p99_ms": 40.0 + number}
+    metrics = made_up_metrics(peft, 400.0 + number, 40.0 + number)
     return TrialRow(number=number, state=state, outcome=outcome, params={"knob": knob}, metrics=metrics,
                     constraints={})
 
@@ -45,7 +46,7 @@ def _result(system: str, rate: float, *rows: TrialRow, ceiling: float = 1.25) ->
         study_name=f"{system}-fig8a-{rate:g}rps-sim",
         config={"system": system, "figure": "fig8a", "rate_req_s": rate,
                 "backend": {"backend": "sim", "hardware": "2x-rtx3090"}},
-        slo=SLO, references={"trainer_alone": {"metrics": {"peft_samples_per_s": ceiling}}}, rows=rows,
+        slo=SLO, references={"trainer_alone": {"metrics": made_up_metrics(ceiling).to_dict()}}, rows=rows,
     )
 
 
