@@ -143,7 +143,7 @@ def check_seed(seed: int) -> None:
         raise UserError(f"--seed must be in 0..{MAX_SEED} (2**32 - 1), got {seed}")
 
 
-def _workload_digest(workload: Workload | None) -> str:
+def workload_digest(workload: Workload | None) -> str:
     if workload is None:
         return "none"
     h = hashlib.sha256()
@@ -162,7 +162,7 @@ def _identity(ctx_config: StudyConfig, model: ModelConfig, rate: float, workload
         **backend.identity(),
         "model": model.name,
         "rate_req_s": rate,
-        "workload_digest": _workload_digest(workload),
+        "workload_digest": workload_digest(workload),
         "search_space": {k.name: {f: k.range_record()[f] for f in RANGE_IDENTITY} for k in space},
         "lora_rank": ctx_config.lora_rank if ctx_config.lora_dist is not None else None,
         "warmup_s": ctx_config.warmup_s,  # trainer steps left out of PEFT throughput
@@ -293,7 +293,7 @@ def _reference_key(ctx: StudyContext, kind: TrialKind) -> str:
     spec = _reference_spec(ctx, kind)
     parts = [kind.value, ctx.backend.cache_key(), ctx.model.name, json.dumps(spec.policy.to_dict(), sort_keys=True)]
     if kind is TrialKind.SERVING_ALONE:
-        parts += [ctx.figure.name, f"{ctx.rate_req_s:g}", _workload_digest(ctx.workload), str(ctx.lora_serving)]
+        parts += [ctx.figure.name, f"{ctx.rate_req_s:g}", workload_digest(ctx.workload), str(ctx.lora_serving)]
     return "|".join(parts)
 
 

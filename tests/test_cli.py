@@ -26,7 +26,7 @@ from tests.sim.test_profile import CARRIED
 # Not a terminal, whatever the environment says: plain lines, no colour codes.
 runner = CliRunner(env={"FORCE_COLOR": None, "TTY_COMPATIBLE": None, "TTY_INTERACTIVE": None})
 
-BASE_STUDY = "llmstation-fig8a-7rps-sim"  # the default name: system, figure, preset rate (2x-rtx3090), backend
+BASE_STUDY = "llmstation-fig8a-6rps-sim"  # the default name: system, figure, preset rate (2x-rtx3090), backend
 BASE_ARGS = ["llmstation", "--figure", "fig8a", "--trials", "3", "--num-prompts", "40"]
 LLMSTATION_DEFAULTS = {"forward_tasklets": 8, "forward_wait_s": 0.005, "backward_tasklets": 8,
                        "backward_wait_s": 0.005}
@@ -116,7 +116,7 @@ def test_list_shows_the_hardware_profiles_and_their_provenance():
 def test_end_to_end_json(base):
     _, _, doc = base
     assert doc["system"] == "llmstation" and doc["figure"] == "fig8a"
-    assert doc["rate_req_s"] == 7.0 and doc["backend"] == "sim" and doc["model"] == "llama-3.1-8b"
+    assert doc["rate_req_s"] == 6.0 and doc["backend"] == "sim" and doc["model"] == "llama-3.1-8b"
     assert doc["num_prompts"] == 40 and doc["study_name"] == BASE_STUDY
     slo = doc["slo"]
     # The paper's SLOs by default: P99 TTFT 500 ms, P99 TPOT 50 ms for the 8B model.
@@ -147,7 +147,7 @@ def test_output_is_plain_lines_when_not_a_terminal(base):
     runs, result, doc = base
     lines = result.output.splitlines()
     assert [line.split(":")[0] for line in lines if line.startswith("trial ")] == ["trial 0", "trial 1", "trial 2"]
-    assert lines[0].startswith(f"study {BASE_STUDY}: llmstation fig8a 7 req/s (2x-rtx3090 preset)")
+    assert lines[0].startswith(f"study {BASE_STUDY}: llmstation fig8a 6 req/s (2x-rtx3090 preset)")
     # the machine, and that its numbers are modelled (carried over from the H100), not measured
     assert lines[1].startswith("simulated 2x-rtx3090: 2x NVIDIA GeForce RTX 3090 (23.69 GiB, PCIe 4.0 x16): "
                                "modelled; measured sections carried over from h100-80gb")
@@ -182,7 +182,7 @@ def test_confirm_reruns_the_best_on_fresh_workloads(runs, tmp_path):
     lines = result.output.splitlines()
     assert any(line.startswith(f"confirm #{best['number']} on workload seed 1000001: P99 TTFT") for line in lines)
     assert "confirmation on 2 fresh workloads (same SLO in ms):" in lines
-    # 40 prompts at 7 req/s: the fresh workloads' P99 TPOT lands near 65 ms, above the 50 ms the
+    # 40 prompts at 6 req/s: the fresh workloads' P99 TPOT lands near 65 ms, above the 50 ms the
     # study's own workload met, so no setting holds (the recommending path: tests/test_confirm.py)
     assert conf["recommended"] is None
     assert all(r["outcome"] == "infeasible" for rs in conf["runs"].values() for r in rs)
@@ -209,8 +209,8 @@ def test_a_profile_file_of_ones_own(tmp_path):
     doc = json.loads(out.read_text())
     info = doc["backend_info"]
     assert (info["hardware"], info["gpus"], info["profile"]) == ("my-gpu", 1, str(mine))
-    assert doc["rate_req_s"] == 7.0  # no rate of its own: the artifact's
-    assert "fig8a 7 req/s (2x-rtx3090 preset)" in result.output
+    assert doc["rate_req_s"] == 6.0  # no rate of its own: the artifact's
+    assert "fig8a 6 req/s (2x-rtx3090 preset)" in result.output
 
 
 @pytest.mark.parametrize("system", [s for s in SYSTEMS if s != "llmstation"])
@@ -362,8 +362,8 @@ def test_workload_is_the_same_for_the_same_seed(tmp_path):
 
 def test_workload_rate_and_prompts_follow_the_hardware_and_the_system(tmp_path):
     out = tmp_path / "w.jsonl"
-    result = ok(invoke("workload", "fig8a", "--out", out))  # the default profile's 7 req/s x 200 prompts
-    assert "Poisson arrivals at 7 req/s" in result.output and len(out.read_text().splitlines()) == 1400
+    result = ok(invoke("workload", "fig8a", "--out", out))  # the default profile's 6 req/s x 200 prompts
+    assert "Poisson arrivals at 6 req/s" in result.output and len(out.read_text().splitlines()) == 1200
     result = ok(invoke("workload", "fig8a", "--hardware", "h100-80gb", "--num-prompts", 10, "--out", out))
     assert "Poisson arrivals at 12 req/s" in result.output
     ok(invoke("workload", "fig8a", "--rate", 0.1, "--system", "fineinfer", "--out", out))
@@ -471,7 +471,7 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list, list[str]]]:
         "other ratio": ([*BASE_ARGS, "--slo-ttft-ratio", 2], [f"study '{BASE_STUDY}' was run with other SLOs"]),
         "slo ms and ratio": (["llmstation", "--slo-tpot-ms", 40, "--slo-tpot-ratio", 1.5],
                              ["give --slo-tpot-ms or --slo-tpot-ratio, not both"]),
-        "other hardware": ([*BASE_ARGS, "--hardware", "h100-80gb", "--gpus", 2, "--rate", 7],
+        "other hardware": ([*BASE_ARGS, "--hardware", "h100-80gb", "--gpus", 2, "--rate", 6],
                            [f"study '{BASE_STUDY}' exists with other settings (hardware, profile_digest)"]),
         "other gpus": ([*BASE_ARGS, "--gpus", 1], [f"study '{BASE_STUDY}' exists with other settings (gpus, "
                                                    "profile_digest)"]),

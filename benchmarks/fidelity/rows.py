@@ -41,7 +41,7 @@ from autotune.context import StudyConfig, StudyContext, study_workload
 from autotune.study import (
     _check_figure_options,
     _reference_spec,
-    _workload_digest,
+    workload_digest,
     trial_spec,
 )
 from autotune.systems import get_system
@@ -245,7 +245,7 @@ def reference_key(setting: Setting, context: StudyContext | None = None) -> str:
     ctx = context if context is not None else study_context(setting)
     model, gmu, mps = server_key(setting)
     return (f"{model}|gpu_memory_utilization={gmu:g}|mps={'on' if mps else 'off'}|{setting.figure}|"
-            f"{setting.rate_req_s:g}rps|{_workload_digest(ctx.workload)}")
+            f"{setting.rate_req_s:g}rps|{workload_digest(ctx.workload)}")
 
 
 # ---------------------------------------------------------------- the plan

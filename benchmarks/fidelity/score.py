@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from autotune.errors import UserError
-from autotune.study import _workload_digest
+from autotune.study import workload_digest
 from autotune.systems import get_system
 from autotune.trial import TrialKind, TrialResult
 from benchmarks.fidelity.compare import (
@@ -127,7 +127,7 @@ def score_row(row: Mapping[str, Any], rows: RowsFile, held_out: bool, args: argp
     """One row of the comparison: SLO, GPU median and spread, simulator, errors, verdicts."""
     setting = row_setting(row, held_out)
     ctx = study_context(setting)
-    digest = _workload_digest(ctx.workload)
+    digest = workload_digest(ctx.workload)
     ref = _serving_reference(rows, setting, digest)
     slo = _slo(args, ref)
 

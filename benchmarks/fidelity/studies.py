@@ -35,7 +35,7 @@ if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
 
 from autotune.errors import UserError  # noqa: E402
-from autotune.study import _workload_digest  # noqa: E402
+from autotune.study import workload_digest  # noqa: E402
 from benchmarks.fidelity.rows import (  # noqa: E402
     REFERENCE_METRICS,
     RUN_METRICS,
@@ -99,12 +99,12 @@ def convert(study: Mapping[str, Any], source: str, held_out_of: Any) -> RowsFile
             s = setting(by_number[number]["params"], int(run["workload_seed"]), held_out_of(system))
             rows.settings.append(s.to_dict())
             rows.add_run(s, _run(0, run.get("metrics") or {}, run.get("error")))
-            confirm_digests.append(_workload_digest(study_context(s).workload))
+            confirm_digests.append(workload_digest(study_context(s).workload))
     if first is None:
         raise UserError(f"{source}: the study has no trial")
 
     ctx = study_context(first)
-    digest = _workload_digest(ctx.workload)
+    digest = workload_digest(ctx.workload)
     model, gmu, mps = server_key(first)
     for kind, ref in (study.get("reference") or {}).items():
         names = REFERENCE_METRICS if kind == "serving_alone" else ("peft_samples_per_s",)

@@ -34,7 +34,7 @@ if str(_REPO) not in sys.path:  # run as a script: make ``benchmarks`` importabl
 
 from autotune.errors import UserError  # noqa: E402
 from autotune.context import StudyContext  # noqa: E402
-from autotune.study import _workload_digest  # noqa: E402
+from autotune.study import workload_digest  # noqa: E402
 from autotune.trial import TrialKind, TrialResult  # noqa: E402
 from benchmarks.fidelity.rows import (  # noqa: E402
     RowsFile,
@@ -111,7 +111,7 @@ def print_plan(steps: list[Step], contexts: dict[str, StudyContext], rows: RowsF
             wl = spec.workload
             load = (f"{len(wl)} requests over {wl.duration_s:.1f} s, "
                     f"{sum(r.prompt_len for r in wl.requests)} prompt / {sum(r.output_len for r in wl.requests)} "
-                    f"output tokens, workload {_workload_digest(wl)}")
+                    f"output tokens, workload {workload_digest(wl)}")
         else:
             load = "no serving"
         serves = f" (for {', '.join(step.systems)})" if step.kind is TrialKind.SERVING_ALONE else ""
@@ -181,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
             if step.kind is TrialKind.COLOCATED:
                 rows.add_run(step.setting, run_record(step.run, result))
             else:
-                digest = _workload_digest(ctx.workload) if step.kind is TrialKind.SERVING_ALONE else None
+                digest = workload_digest(ctx.workload) if step.kind is TrialKind.SERVING_ALONE else None
                 rows.references.append(reference_record(step, result, digest))
             rows.save(args.out)
             print(f"[{i}/{len(todo)}] {spec.label}: {_metric_line(result)}", flush=True)

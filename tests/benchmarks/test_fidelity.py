@@ -27,7 +27,7 @@ from autotune.policy import SAMPLE_TOKENS, PausePlan  # noqa: E402
 from autotune.study import (  # noqa: E402
     StudyConfig,
     _reference_spec,
-    _workload_digest,
+    workload_digest,
     prepare,
     trial_spec,
 )
@@ -465,7 +465,7 @@ def fake_gpu_rows(path: Path) -> None:
     """Made-up GPU rows: 2 settings (one not held out), a crashed run, one reference."""
     settings = [setting(params={"mps_active_thread_pct": p}, num_prompts=20, held_out=(p == 100)) for p in (10, 100)]
     rf = RowsFile.new(settings, "fake-80gb", "made up", "by hand")
-    digest = _workload_digest(rows.study_context(settings[0]).workload)
+    digest = workload_digest(rows.study_context(settings[0]).workload)
     rf.references.append({"kind": "serving_alone", "key": rows.reference_key(settings[0]),
                           "systems": ["vllm-torchtune"], "system": "vllm-torchtune", "figure": "fig8a",
                           "rate_req_s": 4.0, "workload_digest": digest, "ttft_p99_ms": 40.0, "tpot_p99_ms": 8.0,

@@ -123,12 +123,12 @@ def simulate(profile: str, system: str, which: str) -> dict[str, float]:
 GPU_FINEINFER = "GPU (H200, 4 req/s) P99 TPOT 5.201 -> 5.135 ms (-1.3%), PEFT 0.510 -> 0.462 samples/s (-9.4%)"
 DISAGREES = {
     ("2x-rtx3090", "fineinfer", "tpot_p99_ms"):
-        "2x-rtx3090 FineInfer 1.167 req/s, defer_s 0.005 -> 0.2: sim P99 TPOT 16.1911 -> 16.1911 ms "
-        f"(difference -1.8e-14 ms: no change); {GPU_FINEINFER}",
-    ("2x-rtx3090", "fineinfer", "peft_samples_per_s"):
-        "2x-rtx3090 FineInfer 1.167 req/s, defer_s 0.005 -> 0.2: sim PEFT 0.197997 -> 0.197997 samples/s "
-        f"(6 iterations both, difference -8e-17: no change); {GPU_FINEINFER}",
+        "2x-rtx3090 FineInfer 1 req/s, defer_s 0.005 -> 0.2: sim P99 TPOT 16.2932 -> 16.2932 ms "
+        f"(+0.0002%: no change); {GPU_FINEINFER}",
 }
+#: (Since the fig8a default on 2x-rtx3090 went from 7 to 6 req/s with that refit, its FineInfer PEFT
+#: moves the GPU's way, but by -0.01% (0.231561 -> 0.231533 samples/s, 8 iterations both) against the
+#: GPU's -9.4%: the sign agrees, the size does not.)
 
 CASES = [
     pytest.param(profile, system, metric, id=f"{profile}-{system}-{metric}",

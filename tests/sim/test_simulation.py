@@ -170,17 +170,17 @@ def test_on_the_default_hardware_llmstations_pauses_decide_whether_fig8a_meets_t
 
     fig, backend = get_figure("fig8a"), SimBackend()
     rate, hardware = fig.default_rate(backend.hardware)
-    assert (backend.hardware, hardware, rate) == ("2x-rtx3090", "2x-rtx3090", 7.0)
+    assert (backend.hardware, hardware, rate) == ("2x-rtx3090", "2x-rtx3090", 6.0)
     w = build_workload(WorkloadOptions(arrivals=fig.arrivals, rate_req_s=rate, seed=0,
                                        num_prompts=fig.prompts(rate, get_system("llmstation").prompts_per_rate)))
-    assert len(w) == 1400
+    assert len(w) == 1200
     slo = resolve(SloSpec(), None, MODEL)
     assert (slo.ttft_p99_ms, slo.tpot_p99_ms) == (500.0, 50.0)
     results = {n: backend.run_trial(spec_for("llmstation", llmstation(n, wait), w, warmup_s=0.0))
                for n, wait in ((1, 0.05), (8, 0.005))}
     margins = {n: constraint_margins(r, slo) for n, r in results.items()}
-    assert feasible(margins[1]), margins[1]  # P99 TTFT ~430 ms, TPOT ~44 ms
-    assert not feasible(margins[8]), margins[8]  # ~564 ms, ~58 ms
-    assert margins[8]["tpot_p99"] > 0.05  # not by a hair
+    assert feasible(margins[1]), margins[1]  # P99 TTFT ~373 ms, TPOT ~38.5 ms
+    assert not feasible(margins[8]), margins[8]  # ~561 ms, ~52.5 ms
+    assert margins[8]["ttft_p99"] > 0.1  # not by a hair
     # the price of meeting it: the trainer sleeps
     assert results[1].peft.peft_samples_per_s < 0.5 * results[8].peft.peft_samples_per_s
