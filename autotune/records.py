@@ -74,6 +74,13 @@ class TrialRow:
         }
 
 
+def outcome_of(result: TrialResult, margins: Mapping[str, float]) -> Outcome:
+    """How a measured run ended: crashed, or feasible or not by its constraint margins."""
+    if result.crashed:
+        return Outcome.CRASHED
+    return Outcome.FEASIBLE if feasible(margins) else Outcome.INFEASIBLE
+
+
 #: Distinct settings tried, at most, before giving up.
 CANDIDATES = 3
 #: Study user attributes: the records, and the workload seeds of the latest request.
@@ -98,9 +105,7 @@ class Confirmation:
     @classmethod
     def of(cls, result: TrialResult, slo: ResolvedSlo, workload_seed: int) -> Confirmation:
         margins = constraint_margins(result, slo)
-        outcome = (Outcome.CRASHED if result.crashed
-                   else Outcome.FEASIBLE if feasible(margins) else Outcome.INFEASIBLE)
-        return cls(workload_seed, outcome, result.measured(), margins, result.error)
+        return cls(workload_seed, outcome_of(result, margins), result.measured(), margins, result.error)
 
     def measured_text(self) -> str:
         """What the re-run measured, e.g. ``P99 TTFT 50.0 ms, P99 TPOT 8.00 ms, 1.500 samples/s``."""

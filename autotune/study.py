@@ -35,11 +35,11 @@ from autotune.errors import EnvironmentFailure, UserError, os_error
 from autotune.figures import FigurePreset, get_figure
 from autotune.knobs import SearchSpace
 from autotune.models import ModelConfig, resolve_model
-from autotune.records import RANGE_IDENTITY, migrate_identity, reference_metrics
+from autotune.records import RANGE_IDENTITY, migrate_identity, outcome_of, reference_metrics
 from autotune.distinct import DistinctSampler, sampler_seed
 from autotune.interrupts import InterruptGate
 from autotune.samplers import make_sampler
-from autotune.slo import CRASH_VIOLATION, ResolvedSlo, constraint_margins, feasible, resolve
+from autotune.slo import CRASH_VIOLATION, ResolvedSlo, constraint_margins, resolve
 from autotune.storage import (OWNER_ATTR, FolderLock, abandon, create_study, fail_abandoned, folder_lock,
                               heartbeats_on, hide_password, is_storage_failure, open_storage, owner_alive,
                               owner_tag, storage_reason)
@@ -362,7 +362,7 @@ def record_trial(ctx: StudyContext, trial: optuna.Trial, result: TrialResult) ->
     for key, value in margins.items():
         trial.set_constraint(key, value)
     trial.set_user_attr("metrics", result.measured().to_dict())
-    outcome = Outcome.CRASHED if result.crashed else Outcome.FEASIBLE if feasible(margins) else Outcome.INFEASIBLE
+    outcome = outcome_of(result, margins)
     trial.set_user_attr("outcome", outcome.value)
     if result.error is not None:
         trial.set_user_attr("error", result.error)
