@@ -8,7 +8,8 @@ TPOT: the P99s are what the rows are scored on) and, if given, the trainer's
 samples/s alone. Fitted: what ``autotune calibrate`` fits (the API server's
 delay, the engine's per-iteration and per-request host costs, one scale on the
 trainer's host times; what the targets do not resolve stays, see
-``autotune.calibrate.RESOLVED_BY``). Prints the fitted numbers and the residuals.
+``autotune.calibrate.RESOLVED_BY``). Prints the fitted numbers and the residuals;
+``--out`` writes the fitted profile (it carries the base's other numbers).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ _REPO = Path(__file__).resolve().parents[2]
 if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
 
-from autotune.calibrate import fit_measured  # noqa: E402
+from autotune.calibrate import Measured, Measurement, fit_measured, profile_toml  # noqa: E402
 from autotune.sim.backend import SimBackend  # noqa: E402
 from autotune.sim.fit import Target  # noqa: E402
 from autotune.trial import TrialKind  # noqa: E402
@@ -45,20 +46,38 @@ def targets(rows: RowsFile, trainer_alone: float | None) -> list[Target]:
     return out
 
 
+def measured_of(targets_: list[Target]) -> list[Measured]:
+    """The targets as a calibration's measurements (one per run), for the profile file's header."""
+    runs: dict[str, list[Target]] = {}
+    for t in targets_:
+        runs.setdefault(t.name, []).append(t)
+    return [Measured(Measurement(name, ts[0].spec, tuple(t.metric for t in ts), tuple(t.weight for t in ts)),
+                     {t.metric: t.value for t in ts}) for name, ts in runs.items()]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpu", type=Path, required=True, help="rows file of benchmarks/gpu/fidelity.py")
     ap.add_argument("--base", default="h200-datasheet", help="profile whose other numbers stay")
     ap.add_argument("--trainer-alone-samples-per-s", type=float, default=None)
+    ap.add_argument("--out", type=Path, help="write the fitted profile here (TOML)")
+    ap.add_argument("--name", default="h200", help="the written profile's hardware name")
     args = ap.parse_args(argv)
     base = SimBackend(args.base).profile
 
-    result = fit_measured(base, targets(RowsFile.load(args.gpu), args.trainer_alone_samples_per_s))
+    rows = RowsFile.load(args.gpu)
+    fit_targets = targets(rows, args.trainer_alone_samples_per_s)
+    result = fit_measured(base, fit_targets)
     print(f"fitted on {len(result.targets)} measurements; loss {result.loss:.4f}")
     for key, value in result.fields.items():
         print(f"{key} = {value:.4g}")
     for name, r in result.residuals.items():
         print(f"  {name}: {r:+.1%}")
+    if args.out is not None:
+        machine = {"gpus": 1, "measured_as": rows.machine, "rows": args.gpu.name}
+        command = "python -m benchmarks.fidelity.fit_profile " + " ".join(argv if argv is not None else sys.argv[1:])
+        args.out.write_text(profile_toml(args.name, base, result, machine, measured_of(fit_targets), command))
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -50,13 +50,13 @@ def sim_sign(low: float, high: float) -> int:
 def knob_moves(doc: dict) -> list[dict]:
     """Each (system, figure, rate) with two settings: its low and high rows and, per
     metric the GPU resolved, the sign of its GPU change low -> high."""
-    groups: dict[tuple[str, str, float], list[dict]] = {}
+    groups: dict[tuple[str, str, float, str], list[dict]] = {}
     for row in doc["rows"]:
         if row["figure"] != "fig8a":
-            continue
-        groups.setdefault((row["system"], row["figure"], float(row["rate_req_s"])), []).append(row)
+            continue  # a sitting's rows are compared among themselves (its own host and references)
+        groups.setdefault((row["system"], row["figure"], float(row["rate_req_s"]), row["gpu_file"]), []).append(row)
     moves = []
-    for (system, figure, rate), group in groups.items():
+    for (system, figure, rate, _), group in groups.items():
         if len(group) != 2:
             continue
         order = [k.name for k in get_system(system).knobs]
