@@ -2,7 +2,8 @@
 
 Measures, through the real backend, what the host side of a profile needs
 (serving alone at a few rates: the API server's delay and the engine's
-per-iteration and per-request costs) and how the trainer splits its time
+per-iteration and per-request costs; a prefill probe of long prompts one at a
+time: what a prefill costs beyond its GEMMs) and how the trainer splits its time
 between the host and the GPU (the trainer alone with every thread, then
 capped by MPS at a few active-thread percentages: a launch-bound trainer
 barely slows until its GPU time, stretched by the cap, outgrows its host
@@ -35,12 +36,17 @@ from autotune.sim.fit import Fit, Param, Target, fit, loss_of, residuals
 from autotune.sim.profile import MEASURED_SECTIONS, Profile, is_carried
 from autotune.systems import get_system
 from autotune.trial import TrialKind, TrialResult, TrialSpec
+from autotune.workloads.arrivals import poisson_arrivals
 from autotune.workloads.build import WorkloadOptions, build_workload
+from autotune.workloads.spec import RequestSpec, Workload
 
 #: The numbers a calibration fits, each in a physical range.
 FIT_PARAMS = (
     Param("frontend delay", ("serving.frontend_delay_ms",), 2.0, 40.0),
     Param("iteration overhead", ("serving.iteration_overhead_ms",), 0.2, 4.0),
+    # What a prefill costs on top of its GEMMs (attention, norms, the mixed batch's kernels): from
+    # the prefill probe (long prompts of one length, one at a time), whose TTFT is mostly the prefill.
+    Param("prefill compute overhead", ("serving.nongemm_compute_fraction",), 0.0, 2.0),
     Param("per-request overhead", ("serving.seq_overhead_ms",), 0.0, 0.15),
     Param("trainer host time scale", ("trainer.host_embed_ms", "trainer.host_layer_forward_ms",
                                       "trainer.host_head_loss_ms", "trainer.host_layer_backward_ms",
@@ -64,6 +70,14 @@ CALIBRATION_SYSTEM = "vllm-torchtune"
 DEFAULT_RATES_REQ_S = (4.0, 24.0)
 DEFAULT_TRIAL_SECONDS = 20.0
 DEFAULT_MPS_THREAD_PCTS = (10, 40)  # the trainer alone, capped: its GPU time shows
+#: The prefill probe: prompts of one length (tokens), few output tokens, far apart, so that each
+#: TTFT is the API server's delay, a wait for the iteration in flight and one prefill. Its P50 is
+#: smooth in the prefill's cost, where the P99 TTFT of a ShareGPT-like run (set by a few long
+#: prompts colliding) jumps as batches regroup. 0: no probe.
+DEFAULT_PREFILL_PROMPT_TOKENS = 1536
+PREFILL_PROBE_OUTPUT_TOKENS = 8
+PREFILL_PROBE_RATE_REQ_S = 1.0
+PREFILL_PROBE_REQUESTS = 20
 
 
 def parse_thread_pcts(text: str) -> tuple[int, ...]:
@@ -89,13 +103,34 @@ class Measurement:
     trial: Mapping[str, object] | None = None  # a co-located trial: what ``colocated_measurement`` took
 
 
+def check_prefill_prompt_tokens(tokens: int, max_model_len: int) -> int:
+    """``--prefill-prompt-tokens``: 0 (no probe), or a prompt long enough to be a probe that fits
+    the server's context with the probe's output."""
+    longest = max_model_len - PREFILL_PROBE_OUTPUT_TOKENS
+    if tokens != 0 and not PREFILL_PROBE_MIN_TOKENS <= tokens <= longest:
+        raise UserError(f"--prefill-prompt-tokens must be 0 (no probe) or {PREFILL_PROBE_MIN_TOKENS}..{longest} "
+                        f"(the server's {max_model_len}-token context less {PREFILL_PROBE_OUTPUT_TOKENS} output "
+                        f"tokens), got {tokens}")
+    return tokens
+
+
+def prefill_probe_workload(prompt_tokens: int, seed: int = 0) -> Workload:
+    """``PREFILL_PROBE_REQUESTS`` prompts of ``prompt_tokens``, Poisson at ``PREFILL_PROBE_RATE_REQ_S``."""
+    arrivals = poisson_arrivals(PREFILL_PROBE_REQUESTS, PREFILL_PROBE_RATE_REQ_S, seed)
+    requests = tuple(RequestSpec(float(t), prompt_tokens, PREFILL_PROBE_OUTPUT_TOKENS) for t in arrivals)
+    return Workload(requests, PREFILL_PROBE_RATE_REQ_S, seed, synthetic=True,
+                    description=f"prefill probe: {prompt_tokens}-token prompts, {PREFILL_PROBE_OUTPUT_TOKENS} "
+                                f"output tokens, Poisson at {PREFILL_PROBE_RATE_REQ_S:g} req/s")
+
+
 def measurement_specs(model: ModelConfig, rates_req_s: Sequence[float] = DEFAULT_RATES_REQ_S,
                       trial_seconds: float = DEFAULT_TRIAL_SECONDS,
                       mps_thread_pcts: Sequence[int] = DEFAULT_MPS_THREAD_PCTS,
-                      seed: int = 0) -> list[Measurement]:
+                      seed: int = 0, prefill_prompt_tokens: int = 0) -> list[Measurement]:
     """Serving alone on fig8a's workload (Poisson, ShareGPT-like lengths) at
-    each rate, then the trainer alone on full samples: with every thread, and
-    under MPS at each active-thread percentage."""
+    each rate, then the prefill probe (if ``prefill_prompt_tokens``), then the
+    trainer alone on full samples: with every thread, and under MPS at each
+    active-thread percentage."""
     system = get_system(CALIBRATION_SYSTEM)
     policy = system.policy(system.default_params())
     out = []
@@ -106,6 +141,11 @@ def measurement_specs(model: ModelConfig, rates_req_s: Sequence[float] = DEFAULT
         spec = TrialSpec(TrialKind.SERVING_ALONE, system.name, {}, policy, model, workload, seed,
                          label=f"calibrate-serving-{rate:g}rps")
         out.append(Measurement(name, spec, ("ttft_p50_ms", "tpot_p50_ms"), (1.0, 2.0)))
+    if prefill_prompt_tokens:
+        spec = TrialSpec(TrialKind.SERVING_ALONE, system.name, {}, policy, model,
+                         prefill_probe_workload(prefill_prompt_tokens, seed), seed,
+                         label=f"calibrate-prefill-{prefill_prompt_tokens}")
+        out.append(Measurement(f"serving alone, {prefill_prompt_tokens}-token prompts", spec, ("ttft_p50_ms",), (2.0,)))
     for pct in (100, *mps_thread_pcts):
         trainer = replace(policy.trainer_alone(), trainer_mps_active_thread_pct=pct)
         capped = f" at {pct}% MPS threads" if pct < 100 else ""
@@ -158,14 +198,15 @@ def targets_of(measured: Sequence[Measured]) -> list[Target]:
 
 
 #: Each measured number fits the part of the model it reflects, in this order: the engine's
-#: per-iteration costs from P50 TPOT, then the API server's delay from P50 TTFT (over the
-#: engine's prefill and queueing just fitted), then the trainer's host and GPU time, each from
+#: per-iteration costs from P50 TPOT, then the API server's delay and (with a prefill probe) a
+#: prefill's cost from P50 TTFT (over the engine's queueing just fitted; with a probe both serving
+#: stages run twice, the prefill's cost moving P50 TPOT a little), then the trainer's host and GPU time, each from
 #: runs of its own; last, over all of those, the contention terms from co-located trials. A joint
 #: fit lets TTFT's growth with load, which the simulator's constant API-server delay cannot follow,
 #: bend the engine's costs (seen on the H200: P50 TPOT off by +-10% at both rates).
 FIT_STAGES = (
     (TrialKind.SERVING_ALONE, ("tpot_p50_ms",), ("iteration overhead", "per-request overhead")),
-    (TrialKind.SERVING_ALONE, ("ttft_p50_ms",), ("frontend delay",)),
+    (TrialKind.SERVING_ALONE, ("ttft_p50_ms",), ("frontend delay", "prefill compute overhead")),
     (TrialKind.TRAINER_ALONE, ("peft_samples_per_s",), ("trainer host time scale", "trainer GPU time factor")),
     (TrialKind.COLOCATED, COLOCATED_METRICS, ("memory-bound loss", "memory-bound loss exponent",
                                               "compute-bound loss", "trainer host slowdown")),
@@ -173,8 +214,24 @@ FIT_STAGES = (
 
 
 def _serving_rates(targets: Sequence[Target]) -> set[float]:
+    """The rates of the serving-alone runs on ShareGPT-like prompts (a prefill probe's is no rate of those)."""
     return {t.spec.workload.rate_req_s for t in targets
-            if t.spec.kind is TrialKind.SERVING_ALONE and t.spec.workload is not None}
+            if t.spec.kind is TrialKind.SERVING_ALONE and t.spec.workload is not None and not _is_probe(t)}
+
+
+#: A serving-alone run is a prefill probe when every prompt has at least this many tokens.
+PREFILL_PROBE_MIN_TOKENS = 512
+
+
+def _is_probe(target: Target) -> bool:
+    """A serving-alone run whose every prompt is long: its TTFT is mostly the prefill."""
+    w = target.spec.workload
+    return (target.spec.kind is TrialKind.SERVING_ALONE and w is not None and bool(w.requests)
+            and min(r.prompt_len for r in w.requests) >= PREFILL_PROBE_MIN_TOKENS)
+
+
+def _prefill_probe(targets: Sequence[Target]) -> bool:
+    return any(_is_probe(t) for t in targets)
 
 
 def _capped(targets: Sequence[Target], kind: TrialKind) -> bool:
@@ -183,10 +240,13 @@ def _capped(targets: Sequence[Target], kind: TrialKind) -> bool:
 
 
 #: What a number needs among the targets to be resolved; without it the base profile's stands
-#: (one serving rate cannot split an iteration's cost into a fixed and a per-request part; only a
-#: trainer capped by MPS shows its GPU time, or the loss beside a trainer of less than the whole GPU).
+#: (one serving rate cannot split an iteration's cost into a fixed and a per-request part; ShareGPT-like
+#: prompts, mostly short, leave the prefill's cost to the P99, too jagged to fit: only the prefill probe
+#: shows it; only a trainer capped by MPS shows its GPU time, or the loss beside a trainer of less than
+#: the whole GPU).
 RESOLVED_BY = {
     "per-request overhead": lambda ts: len(_serving_rates(ts)) >= 2,
+    "prefill compute overhead": _prefill_probe,
     "trainer GPU time factor": lambda ts: _capped(ts, TrialKind.TRAINER_ALONE),
     "memory-bound loss exponent": lambda ts: _capped(ts, TrialKind.COLOCATED),
 }
@@ -198,7 +258,10 @@ def fit_measured(base: Profile, targets: Sequence[Target], sweeps: int = 5) -> F
     and so are the numbers the targets do not resolve (``RESOLVED_BY``)."""
     params = {p.name: p for p in FIT_PARAMS}
     profile, values, fields = base, {}, {}
-    for kind, metrics, names in FIT_STAGES:
+    stages = FIT_STAGES
+    if _prefill_probe(targets):  # the prefill's cost moves the P50 TPOT a little: both serving stages again
+        stages = FIT_STAGES[:2] * 2 + FIT_STAGES[2:]
+    for kind, metrics, names in stages:
         stage_targets = [t for t in targets if t.spec.kind is kind and t.metric in metrics]
         resolved = [params[n] for n in names if RESOLVED_BY.get(n, lambda ts: True)(targets)]
         if not stage_targets or not resolved:
@@ -306,9 +369,11 @@ class Plan:
     rates_req_s: tuple[float, ...]
     trial_seconds: float
     mps_thread_pcts: tuple[int, ...]
+    prefill_prompt_tokens: int = 0  # the prefill probe's prompt length; 0: none (calibrations before it)
 
     def specs(self, model: ModelConfig) -> list[Measurement]:
-        return measurement_specs(model, self.rates_req_s, self.trial_seconds, self.mps_thread_pcts)
+        return measurement_specs(model, self.rates_req_s, self.trial_seconds, self.mps_thread_pcts,
+                                 prefill_prompt_tokens=self.prefill_prompt_tokens)
 
 
 def measurements_json(plan: Plan, machine: Mapping[str, object], base: str, measured: Sequence[Measured]) -> str:
@@ -327,7 +392,7 @@ def load_measurements(text: str, where: str) -> tuple[Plan, dict[str, object], s
         data = json.loads(text)
         p = data["plan"]
         plan = Plan(str(p["model"]), tuple(float(r) for r in p["rates_req_s"]), float(p["trial_seconds"]),
-                    tuple(int(x) for x in p["mps_thread_pcts"]))
+                    tuple(int(x) for x in p["mps_thread_pcts"]), int(p.get("prefill_prompt_tokens", 0)))
         model = resolve_model(plan.model)
         by_name = {m.name: m for m in plan.specs(model)}
         measured = [Measured(colocated_measurement(model, d["trial"], d["name"]) if "trial" in d

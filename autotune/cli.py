@@ -451,6 +451,8 @@ def calibrate(
     trial_seconds: Annotated[float, typer.Option(help="traffic window of each serving run, s")] = 20.0,
     mps_thread_pcts: Annotated[str, typer.Option(help="MPS active-thread %s to run the trainer alone at "
                                                  "(comma-separated; \"\" for none)")] = "10,40",
+    prefill_prompt_tokens: Annotated[int, typer.Option(help="prompt length of the prefill probe (long prompts "
+                                                       "one at a time: the prefill's cost), tokens; 0 for none")] = 1536,
     name: Annotated[Optional[str], typer.Option(help="the profile's name (default: the file's stem)")] = None,
     runs_dir: Annotated[Path, typer.Option(help="logs of the runs")] = Path("autotune-runs"),
     refit: Annotated[Optional[Path], typer.Option(help="no GPU: fit again from a calibration's "
@@ -459,7 +461,9 @@ def calibrate(
     """Measure this GPU (vLLM alone at a few rates, the trainer alone with every thread and capped by MPS)
     and write a simulator profile whose host-side numbers and trainer GPU time are fitted to it."""
     from autotune.calibrate import (
+        DEFAULT_PREFILL_PROMPT_TOKENS,
         Plan,
+        check_prefill_prompt_tokens,
         fit_measured,
         load_measurements,
         measurements_json,
@@ -482,6 +486,7 @@ def calibrate(
         given = [flag for flag, value, default in (
             ("--gpus", gpus, 1), ("--model", model, "llama-3.1-8b"), ("--rates", rates, "4,24"),
             ("--trial-seconds", trial_seconds, 20.0), ("--mps-thread-pcts", mps_thread_pcts, "10,40"),
+            ("--prefill-prompt-tokens", prefill_prompt_tokens, DEFAULT_PREFILL_PROMPT_TOKENS),
             ("--runs-dir", runs_dir, Path("autotune-runs"))) if value != default]
         if given:
             raise UserError(f"--refit takes the plan from {refit}; leave out {', '.join(given)}")
@@ -493,7 +498,10 @@ def calibrate(
         base_profile = load_profile(base or measured_base).with_gpus(int(machine.get("gpus", 1)))
         command = f"autotune calibrate --refit {refit.name}"
     else:
-        plan = Plan(model, parse_rates(rates), trial_seconds, parse_thread_pcts(mps_thread_pcts))
+        from autotune.gpu.server import ServerConfig
+
+        plan = Plan(model, parse_rates(rates), trial_seconds, parse_thread_pcts(mps_thread_pcts),
+                    check_prefill_prompt_tokens(prefill_prompt_tokens, ServerConfig.max_model_len))
         if not trial_seconds > 0:
             raise UserError(f"--trial-seconds must be positive, got {trial_seconds:g}")
         base_profile, machine, measured = _calibrate_on_gpu(plan, gpus, base, runs_dir)

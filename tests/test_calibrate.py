@@ -4,13 +4,18 @@ The "GPU" here is the simulator on a profile whose host-side numbers were set
 to known values: the fit, started from the base profile, must find them again.
 """
 
+import json
+
 import pytest
 from typer.testing import CliRunner
 
 from autotune.calibrate import (
     FIT_PARAMS,
+    PREFILL_PROBE_MIN_TOKENS,
+    PREFILL_PROBE_OUTPUT_TOKENS,
     Measured,
     Plan,
+    check_prefill_prompt_tokens,
     fit_measured,
     load_measurements,
     measurements_json,
@@ -32,7 +37,8 @@ LLAMA8B = from_name("llama-3.1-8b")
 BASE = load_profile("h200-datasheet")
 TRUE = {"serving.frontend_delay_ms": 14.0, "serving.iteration_overhead_ms": 0.8,
         "serving.seq_overhead_ms": 0.04, "trainer.gpu_eager_factor": 1.8,
-        **{k: getattr(BASE.trainer, k.split(".")[1]) * 0.7 for k in FIT_PARAMS[3].fields}}
+        **{k: getattr(BASE.trainer, k.split(".")[1]) * 0.7
+           for k in next(p for p in FIT_PARAMS if p.name == "trainer host time scale").fields}}
 
 
 PLAN = Plan("llama-3.1-8b", (4.0, 24.0), 8.0, (10, 40))
@@ -184,3 +190,53 @@ def test_colocated_trials_fit_the_contention_terms_and_nothing_else_moves_them()
     assert result.loss < 0.01  # the truth is inside the ranges
     fitted = {k: r for k, r in result.residuals.items() if not k.endswith("ttft_p99_ms")}  # P99 TTFT: weight 0
     assert len(fitted) == 4 and all(abs(r) < 0.06 for r in fitted.values()), fitted
+
+
+def test_the_prefill_probe_is_long_prompts_one_at_a_time():
+    specs = measurement_specs(LLAMA8B, rates_req_s=(4.0,), trial_seconds=8.0, mps_thread_pcts=(),
+                              prefill_prompt_tokens=1536)
+    assert [m.name for m in specs] == ["serving alone, fig8a 4 req/s", "serving alone, 1536-token prompts",
+                                       "trainer alone"]
+    probe = specs[1]
+    assert probe.spec.kind is TrialKind.SERVING_ALONE and probe.metrics == ("ttft_p50_ms",)
+    requests = probe.spec.workload.requests
+    assert len(requests) == 20 and {(r.prompt_len, r.output_len) for r in requests} == {(1536, PREFILL_PROBE_OUTPUT_TOKENS)}
+    gaps = [b.arrival_s - a.arrival_s for a, b in zip(requests, requests[1:])]
+    assert 0.5 < sum(gaps) / len(gaps) < 2.0  # about one a second: prefills rarely meet
+    assert measurement_specs(LLAMA8B, (4.0,), 8.0, ()) == specs[:1] + specs[2:]  # no probe unless asked
+
+
+def test_the_prefill_probe_length_is_checked():
+    assert check_prefill_prompt_tokens(0, 2048) == 0 and check_prefill_prompt_tokens(1536, 2048) == 1536
+    for bad in (PREFILL_PROBE_MIN_TOKENS - 1, 2048 - PREFILL_PROBE_OUTPUT_TOKENS + 1, -5):
+        with pytest.raises(UserError, match="--prefill-prompt-tokens"):
+            check_prefill_prompt_tokens(bad, 2048)
+    result = CliRunner().invoke(app, ["calibrate", "--out", "x.toml", "--prefill-prompt-tokens", "100"])
+    assert result.exit_code == 2 and "--prefill-prompt-tokens" in result.output
+
+
+def test_the_prefill_probe_fits_the_prefills_cost_and_without_it_the_base_number_stays():
+    """The prefill's cost (non-GEMM share of its compute) moves a probe's P50 TTFT far more than a
+    ShareGPT-like run's: with the probe the fit finds it again; without it, it is not fitted."""
+    base = load_profile("h100-80gb")
+    truth = SimBackend(with_fields(base, {"serving.nongemm_compute_fraction": 0.6,
+                                          "serving.frontend_delay_ms": 14.0}))
+    plan = Plan("llama-3.1-8b", (8.0,), 8.0, (), prefill_prompt_tokens=1536)
+    got = measure(truth.run_trial, plan.specs(LLAMA8B), progress=lambda line: None)
+    result = fit_measured(base, targets_of(got), sweeps=3)
+    assert result.fields["serving.nongemm_compute_fraction"] == pytest.approx(0.6, rel=0.1)
+    # a ShareGPT-like run's P50 TTFT moves by about 1 ms, up and down, with the prefill's cost (its
+    # batches regroup): the API server's delay trades within that against it
+    assert result.fields["serving.frontend_delay_ms"] == pytest.approx(14.0, rel=0.1)
+    assert max(abs(r) for r in result.residuals.values()) < 0.03
+    without = [m for m in got if "token prompts" not in m.measurement.name]
+    assert "serving.nongemm_compute_fraction" not in fit_measured(base, targets_of(without), sweeps=1).fields
+
+
+def test_a_plan_from_before_the_probe_loads_without_one():
+    plan = Plan("llama-3.1-8b", (8.0,), 8.0, ())
+    text = measurements_json(plan, {"gpus": 1}, "h100-80gb", [])
+    old = json.loads(text)
+    del old["plan"]["prefill_prompt_tokens"]
+    back, _, _, _ = load_measurements(json.dumps(old), "old.json")
+    assert back == plan and back.prefill_prompt_tokens == 0
