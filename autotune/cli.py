@@ -20,16 +20,43 @@ import threading
 from pathlib import Path
 from typing import Annotated, Optional
 
+import optuna
 import typer
 from typer.core import TyperGroup
 from rich.console import Console
 
+from autotune.backends import make_backend
+from autotune.calibrate import (
+    DEFAULT_PREFILL_PROMPT_TOKENS,
+    Plan,
+    check_prefill_prompt_tokens,
+    fit_measured,
+    gpu_driver,
+    load_measurements,
+    measure,
+    measurements_json,
+    parse_thread_pcts,
+    profile_toml,
+    targets_of,
+)
 from autotune.errors import EnvironmentFailure, UserError, os_error, raise_interrupted
-from autotune.figures import FIGURES, LORA_DISTS, LORA_RANKS
+from autotune.figure import (FigureRequest, check_figure, parse_choices, parse_ints, parse_rates, parse_systems,
+                             run_figure)
+from autotune.figures import FIGURES, LORA_DISTS, LORA_RANKS, get_figure
+from autotune.gpu.backend import gpu_count
+from autotune.gpu.server import ServerConfig
+from autotune.live import LiveReporter, PlainReporter, trial_table
+from autotune.models import resolve_model
+from autotune.results import (StudyResult, check_json_path, format_params, load_result, summary_text, tradeoff_curve,
+                              write_json)
 from autotune.samplers import DEFAULT_SAMPLER, SAMPLERS
-from autotune.sim.profile import DEFAULT_PROFILE
+from autotune.sim.profile import DEFAULT_PROFILE, load_profile, packaged_profiles
 from autotune.slo import SloSpec
-from autotune.systems import SYSTEMS
+from autotune.study import StudyConfig, check_runs_dir, check_seed, run_study, storage_url
+from autotune.systems import SYSTEMS, get_system
+from autotune.workers import run_workers, visible_devices
+from autotune.workloads.build import WorkloadOptions, build_workload
+
 
 def _click_exceptions(name: str) -> tuple[type[BaseException], ...]:
     """Typer vendors click in newer releases and uses click itself in older ones."""
@@ -177,8 +204,6 @@ def _tune(system: str):
         workers: Annotated[int, typer.Option(help="worker processes of the study, --trials among them (gpu: "
                                              "--gpus GPUs each, its own server port and MPS folder)")] = 1,
     ) -> None:
-        from autotune.study import StudyConfig, check_runs_dir, storage_url
-
         if lora_rank not in LORA_RANKS:
             raise UserError(f"--lora-rank must be one of {', '.join(map(str, LORA_RANKS))}, got {lora_rank}")
         config = StudyConfig(
@@ -226,7 +251,6 @@ def _check_json(json_path: Path, kept: dict[Path | None, str], made: Path | None
     """``--json`` can be written, and is none of the files a study keeps
     (``kept``: file -> what it is), which writing it would replace. ``made``:
     the runs folder, which the study makes if it is not there."""
-    from autotune.results import check_json_path
 
     check_json_path(json_path, made=made)
     for path, what in kept.items():
@@ -240,13 +264,6 @@ def _sqlite_file(url: str) -> Path | None:
 
 def _run(config, backend_name: str, options: dict, trials: int, json_path: Path | None, plain: bool,
          workers: int = 1) -> None:
-    from autotune.backends import make_backend
-    from autotune.live import LiveReporter, PlainReporter
-    from autotune.results import StudyResult, summary_text, write_json
-    from autotune.study import run_study
-
-    import optuna
-
     # The table and the lines say it all: a failed trial's reason is stored on
     # it and shown, and Optuna's own warning about it (with the interrupt's
     # traceback) would be drawn over the live table.
@@ -256,9 +273,7 @@ def _run(config, backend_name: str, options: dict, trials: int, json_path: Path 
     observer = LiveReporter(console) if live else PlainReporter()
     try:
         if workers > 1:
-            from autotune.workers import run_workers, visible_devices
-
-            devices = visible_devices(os.environ, _gpu_count()) if backend_name == "gpu" else ()
+            devices = visible_devices(os.environ, gpu_count()) if backend_name == "gpu" else ()
             ctx = run_workers(config, backend_name, options, trials, workers, observer, devices,
                               say=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
         else:
@@ -272,12 +287,6 @@ def _run(config, backend_name: str, options: dict, trials: int, json_path: Path 
     if json_path is not None:
         write_json(result, json_path)
         print(f"results written to {json_path}")
-
-
-def _gpu_count() -> int:
-    from autotune.gpu.backend import gpu_count
-
-    return gpu_count()
 
 
 for _name in SYSTEMS:
@@ -323,9 +332,6 @@ def figure_command(
 ) -> None:
     """Run (or resume) one study per system and request rate (fig13: per served LoRA setting; fig12: one
     sweep) and draw the figure: FIG.csv, FIG.png, FIG.svg."""
-    from autotune.figure import (FigureRequest, check_figure, parse_choices, parse_ints, parse_rates, parse_systems,
-                                 run_figure)
-    from autotune.study import check_seed
 
     check_figure(figure)
     if figure == "fig12" and trials is not None:
@@ -371,11 +377,6 @@ def workload(
     system: Annotated[Optional[str], typer.Option(help="the system whose prompts per req/s apply (FineInfer: 400)")] = None,
 ) -> None:
     """Write a figure's workload, one JSON object per request."""
-    from autotune.figures import get_figure
-    from autotune.workloads.build import WorkloadOptions, build_workload
-
-    from autotune.systems import get_system
-
     fig = get_figure(figure.value)
     if tokenizer is not None and sharegpt is None:
         raise UserError("--tokenizer counts the tokens of --sharegpt prompts; give --sharegpt FILE too")
@@ -410,9 +411,6 @@ def show(
                                          "PEFT samples/s (all measured trials)")] = False,
 ) -> None:
     """The trials and best setting of a stored study."""
-    from autotune.live import trial_table
-    from autotune.results import format_params, load_result, summary_text, tradeoff_curve, write_json
-
     name: str | None = study_name
     if storage is None and study_name.endswith(".db") and Path(study_name).is_file():  # a file of one study
         url, name = f"sqlite:///{study_name}", None
@@ -460,19 +458,6 @@ def calibrate(
 ) -> None:
     """Measure this GPU (vLLM alone at a few rates, the trainer alone with every thread and capped by MPS)
     and write a simulator profile whose host-side numbers and trainer GPU time are fitted to it."""
-    from autotune.calibrate import (
-        DEFAULT_PREFILL_PROMPT_TOKENS,
-        Plan,
-        check_prefill_prompt_tokens,
-        fit_measured,
-        load_measurements,
-        measurements_json,
-        parse_thread_pcts,
-        profile_toml,
-        targets_of,
-    )
-    from autotune.figure import parse_rates
-    from autotune.sim.profile import load_profile
 
     raw = out.with_name(out.stem + ".measurements.json")
     for path in (out, raw) if refit is None else (out,):  # a refit measures nothing
@@ -498,8 +483,6 @@ def calibrate(
         base_profile = load_profile(base or measured_base).with_gpus(int(machine.get("gpus", 1)))
         command = f"autotune calibrate --refit {refit.name}"
     else:
-        from autotune.gpu.server import ServerConfig
-
         plan = Plan(model, parse_rates(rates), trial_seconds, parse_thread_pcts(mps_thread_pcts),
                     check_prefill_prompt_tokens(prefill_prompt_tokens, ServerConfig.max_model_len))
         if not trial_seconds > 0:
@@ -523,12 +506,6 @@ def calibrate(
 
 def _calibrate_on_gpu(plan, gpus: int, base: str | None, runs_dir: Path):
     """(base profile, machine, measured): the plan's measurements through the GPU backend."""
-    from autotune.backends import make_backend
-    from autotune.calibrate import gpu_driver, measure
-    from autotune.models import resolve_model
-    from autotune.sim.profile import load_profile, packaged_profiles
-    from autotune.study import check_runs_dir
-
     check_runs_dir(runs_dir)
     model_config = resolve_model(plan.model)
     with make_backend("gpu", runs_dir=runs_dir, gpus=gpus,
@@ -559,9 +536,6 @@ def _write_new(path: Path, text: str) -> None:
 @app.command(name="list")
 def list_presets() -> None:
     """The systems, their knobs and search ranges, the figures, and the hardware profiles."""
-    from autotune.sim.profile import load_profile, packaged_profiles
-    from autotune.systems import get_system
-
     print("systems:")
     for name in SYSTEMS:
         system = get_system(name)

@@ -403,12 +403,12 @@ def test_ctrl_c_stops_the_studies_and_is_exit_130(tmp_path, workers):
 
 def test_ctrl_c_in_the_tune_command_is_exit_130_too(tmp_path, monkeypatch):
     """Typer turns a KeyboardInterrupt into a bare exit code; the CLI keeps its one line and 130."""
-    import autotune.study
+    import autotune.cli
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(autotune.study, "run_study", interrupted)
+    monkeypatch.setattr(autotune.cli, "run_study", interrupted)
     result = invoke("chunked", "--trials", 1, "--num-prompts", 20, "--runs-dir", tmp_path)
     assert result.exit_code == 130
     assert result.stderr.strip() == "autotune: interrupted; the study keeps every finished trial"
