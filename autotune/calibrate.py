@@ -310,9 +310,7 @@ def profile_toml(name: str, base: Profile, result: Fit, machine: Mapping[str, ob
         "# Datasheet numbers are the base profile's; unmeasured numbers are carried over from it.",
         "",
         "[profile]",
-        f'provenance = "{d.gpu}: host-side numbers, the trainer GPU time'
-        + (" and the MPS contention terms" if any(k.startswith("mps.") for k in result.fields) else "")
-        + f' fitted by autotune calibrate; the rest from {base.name}"',
+        f'provenance = "{d.gpu}: {_fitted_parts(result)} fitted by autotune calibrate; the rest from {base.name}"',
         'status = "modelled"',
         f'carries = "{carries}"',
         "",
@@ -329,6 +327,17 @@ def profile_toml(name: str, base: Profile, result: Fit, machine: Mapping[str, ob
             lines += ["", f"[{section}]"] + [f"{k.split('.', 1)[1]} = {_toml_value(values[k])}" for k in keys]
     lines += ["", "[provenance]"] + [f'"{k}" = "{how}"' for k, how in provenance.items()]
     return "\n".join(lines) + "\n"
+
+
+def _fitted_parts(result: Fit) -> str:
+    """What a fit set, in words: "host-side numbers, the prefill's cost and the trainer GPU time"."""
+    parts = ["host-side numbers"]
+    if "serving.nongemm_compute_fraction" in result.fields:
+        parts.append("the prefill's cost")
+    parts.append("the trainer GPU time")
+    if any(k.startswith("mps.") for k in result.fields):
+        parts.append("the MPS contention terms")
+    return ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
 def _field(profile: Profile, key: str) -> float:
