@@ -78,6 +78,8 @@ DEFAULT_PREFILL_PROMPT_TOKENS = 1536
 PREFILL_PROBE_OUTPUT_TOKENS = 8
 PREFILL_PROBE_RATE_REQ_S = 1.0
 PREFILL_PROBE_REQUESTS = 20
+#: A serving-alone run is a prefill probe when every prompt has at least this many tokens.
+PREFILL_PROBE_MIN_TOKENS = 512
 
 
 def parse_thread_pcts(text: str) -> tuple[int, ...]:
@@ -217,10 +219,6 @@ def _serving_rates(targets: Sequence[Target]) -> set[float]:
     """The rates of the serving-alone runs on ShareGPT-like prompts (a prefill probe's is no rate of those)."""
     return {t.spec.workload.rate_req_s for t in targets
             if t.spec.kind is TrialKind.SERVING_ALONE and t.spec.workload is not None and not _is_probe(t)}
-
-
-#: A serving-alone run is a prefill probe when every prompt has at least this many tokens.
-PREFILL_PROBE_MIN_TOKENS = 512
 
 
 def _is_probe(target: Target) -> bool:
