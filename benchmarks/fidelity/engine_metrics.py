@@ -32,6 +32,7 @@ _REPO = Path(__file__).resolve().parents[2]
 if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
 
+from autotune.errors import UserError  # noqa: E402
 from autotune.sim.backend import SimBackend  # noqa: E402
 from autotune.sim.simulation import Simulation  # noqa: E402
 from autotune.trial import TrialKind, TrialSpec  # noqa: E402
@@ -168,10 +169,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default="h200", help="simulator profile (name or file)")
     ap.add_argument("--md", type=Path, help="write the table here too")
     args = ap.parse_args(argv)
-    text = markdown(compare(RowsFile.load(args.gpu), args.metrics, SimBackend(args.profile)), args.profile)
-    print(text, end="")
-    if args.md is not None:
-        args.md.write_text(text)
+    try:
+        if not args.metrics.is_dir():
+            raise UserError(f"--metrics {args.metrics}: no such folder")
+        text = markdown(compare(RowsFile.load(args.gpu), args.metrics, SimBackend(args.profile)), args.profile)
+        print(text, end="")
+        if args.md is not None:
+            try:
+                args.md.write_text(text, encoding="utf-8")
+            except OSError as e:
+                raise UserError(f"cannot write {args.md}: {e.strerror}") from None
+    except UserError as e:
+        print(f"engine_metrics: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

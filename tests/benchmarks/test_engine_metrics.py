@@ -15,7 +15,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from autotune.sim.backend import SimBackend  # noqa: E402
-from benchmarks.fidelity.engine_metrics import Histogram, compare, markdown, parse_prom  # noqa: E402
+from benchmarks.fidelity.engine_metrics import Histogram, compare, main, markdown, parse_prom  # noqa: E402
 from benchmarks.fidelity.rows import RowsFile  # noqa: E402
 
 NAME = "vllm:time_to_first_token_seconds"
@@ -61,3 +61,11 @@ def test_the_committed_h200_runs_compare_with_the_simulator():
     assert 30 < gpu_ttft_ms < 50 and 20 < sim_ttft_ms < 60  # GPU: 38.5 ms
     text = markdown(table, "h200")
     assert text.count("\n| vllm-torchtune-") == 8
+
+
+def test_a_missing_folder_or_rows_file_is_one_line_and_exit_2(tmp_path, capsys):
+    rows = str(REPO / "benchmarks/results/fidelity/h200-gpu-rows-sitting3.json")
+    assert main(["--gpu", rows, "--metrics", str(tmp_path / "nowhere")]) == 2
+    assert main(["--gpu", str(tmp_path / "none.json"), "--metrics", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("engine_metrics: error: ") for line in err), err
