@@ -40,16 +40,27 @@ class TestNoisySimBackend(BackendConformance):
         return lambda: make_backend("sim", noise=0.05)
 
 
+class TestSharedSimBackend(BackendConformance):
+    """The suite with one backend for all its tests, as the GPU's runs it."""
+
+    shared_backend = True
+
+    @pytest.fixture
+    def backend_factory(self):
+        return lambda: make_backend("sim")
+
+
 @pytest.mark.gpu
 class TestGpuBackend(BackendConformance):
     noisy = True
     timed = True
+    shared_backend = True  # one server start for the suite (where the systems' servers agree), not one a test
     timing_tolerance = 0.15  # the simulator's 1% failed once on an H200 (llama-3.2-1b, 20 requests at 4 req/s)
 
     @pytest.fixture
-    def backend_factory(self, tmp_path):
+    def backend_factory(self, tmp_path_factory):
         pytest.importorskip("vllm")
-        return lambda: make_backend("gpu", runs_dir=tmp_path)
+        return lambda: make_backend("gpu", runs_dir=tmp_path_factory.mktemp("gpu-runs"))
 
     @pytest.fixture
     def model(self):

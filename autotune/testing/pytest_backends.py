@@ -78,10 +78,28 @@ class BackendConformance:
     def backend_factory(self) -> Callable[[], Backend]:
         raise NotImplementedError("a subclass provides the backend_factory fixture")
 
+    #: Whether the tests of a class share one backend (closed after the last of them): a GPU
+    #: backend keeps its vLLM server between trials, and a server start costs minutes.
+    shared_backend: bool = False
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def _shared(cls):
+        """The class's one backend, made by the first test that needs it."""
+        held: list[Backend] = []
+        yield held
+        for backend in held:
+            backend.close()
+
     @pytest.fixture
-    def backend(self, backend_factory):
-        with backend_factory() as backend:
-            yield backend
+    def backend(self, backend_factory, _shared):
+        if not self.shared_backend:
+            with backend_factory() as backend:
+                yield backend
+            return
+        if not _shared:
+            _shared.append(backend_factory())
+        yield _shared[0]
 
     @pytest.fixture
     def model(self) -> ModelConfig:
@@ -91,8 +109,11 @@ class BackendConformance:
     def workload(self) -> Workload:
         return small_workload(n=20, rate_req_s=4.0)
 
-    @pytest.fixture(params=list(SYSTEMS))
-    def system(self, request) -> System:
+    # class scope: the tests run system by system, so a shared GPU backend restarts its server
+    # only where the next system's server differs
+    @pytest.fixture(scope="class", params=list(SYSTEMS))
+    @classmethod
+    def system(cls, request) -> System:
         return get_system(request.param)
 
     def test_each_kind_of_trial_measures_what_it_should(self, backend, system, model, workload):
