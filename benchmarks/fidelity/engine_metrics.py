@@ -36,7 +36,7 @@ from autotune.errors import UserError  # noqa: E402
 from autotune.sim.backend import SimBackend  # noqa: E402
 from autotune.sim.simulation import Simulation  # noqa: E402
 from autotune.trial import TrialKind, TrialSpec  # noqa: E402
-from benchmarks.fidelity.rows import RowsFile, spec_for  # noqa: E402
+from benchmarks.fidelity.rows import RowsFile, spec_for, study_context  # noqa: E402
 
 _LINE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{[^}]*\})?\s+(\S+)$")
 _LE = re.compile(r'le="([^"]+)"')
@@ -114,13 +114,16 @@ def sim_run(backend: SimBackend, spec: TrialSpec) -> dict[str, np.ndarray]:
             "itl": np.concatenate([np.diff(r.token_times_s) * 1000.0 for r in ok])}
 
 
-def labelled_specs(rows: RowsFile, runs: int = 4) -> dict[str, TrialSpec]:
-    """Every run's label -> the spec it ran (co-located runs and serving-alone references)."""
+def labelled_specs(rows: RowsFile) -> dict[str, TrialSpec]:
+    """Every run's label -> the spec it ran (co-located runs and serving-alone references); each
+    setting's workload built once."""
+    runs = max((len(row["runs"]) for row in rows.rows), default=1)
     out = {}
     for setting in rows.settings_list():
+        ctx = study_context(setting)
         for run in range(runs):
             for kind in (TrialKind.COLOCATED, TrialKind.SERVING_ALONE):
-                spec = spec_for(setting, kind, run)
+                spec = spec_for(setting, kind, run, ctx)
                 out[spec.label] = spec
     return out
 
