@@ -13,9 +13,14 @@ and everything else (efficiencies, the MPS contention model), and writes a
 TOML profile that says where every number came from and on what GPU, driver,
 CUDA, PyTorch and vLLM it was measured.
 
+Last, a few co-located trials (the artifact's vLLM + torchtune at fig8a's
+workload, the busiest measured rate, the trainer capped at each MPS
+percentage) fit the MPS contention terms: how much serving and a capped
+trainer slow each other.
+
 What it does not measure yet (the base profile's numbers stand, marked as
 carried over): the GEMM and bandwidth roofline, the MPS share law of a single
-GEMM and each side's slowdown beside the other, and the cost of a pause.
+GEMM, the slowdown without MPS, and the cost of a pause.
 """
 
 from __future__ import annotations
@@ -70,6 +75,9 @@ CALIBRATION_SYSTEM = "vllm-torchtune"
 DEFAULT_RATES_REQ_S = (4.0, 24.0)
 DEFAULT_TRIAL_SECONDS = 20.0
 DEFAULT_MPS_THREAD_PCTS = (10, 40)  # the trainer alone, capped: its GPU time shows
+#: The co-located trials' trainer caps (MPS active-thread %): what serving does to a capped trainer
+#: and a capped trainer to serving (the H100 studies that fitted the contention terms ran 75-100%).
+DEFAULT_COLOCATED_THREAD_PCTS = (10, 40)
 #: The prefill probe: prompts of one length (tokens), few output tokens, far apart, so that each
 #: TTFT is the API server's delay, a wait for the iteration in flight and one prefill. Its P50 is
 #: smooth in the prefill's cost, where the P99 TTFT of a ShareGPT-like run (set by a few long
@@ -82,16 +90,19 @@ PREFILL_PROBE_REQUESTS = 20
 PREFILL_PROBE_MIN_TOKENS = 512
 
 
-def parse_thread_pcts(text: str) -> tuple[int, ...]:
-    """``--mps-thread-pcts``: whole percentages in 1..99, comma-separated, or none."""
+def parse_thread_pcts(text: str, flag: str = "--mps-thread-pcts", uncapped: bool = False) -> tuple[int, ...]:
+    """``--mps-thread-pcts`` (or ``flag``): whole percentages in 1..99 (1..100 if ``uncapped``),
+    comma-separated, or none."""
     out = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         try:
             pct = int(part)
         except ValueError:
-            raise UserError(f"--mps-thread-pcts: {part!r} is not a whole percentage") from None
-        if not 1 <= pct <= 99:
-            raise UserError(f"--mps-thread-pcts: {pct} is not in 1..99 (100 is the uncapped run, always made)")
+            raise UserError(f"{flag}: {part!r} is not a whole percentage") from None
+        if uncapped and not 1 <= pct <= 100:
+            raise UserError(f"{flag}: {pct} is not in 1..100")
+        if not uncapped and not 1 <= pct <= 99:
+            raise UserError(f"{flag}: {pct} is not in 1..99 (100 is the uncapped run, always made)")
         out.append(pct)
     return tuple(out)
 
@@ -128,11 +139,13 @@ def prefill_probe_workload(prompt_tokens: int, seed: int = 0) -> Workload:
 def measurement_specs(model: ModelConfig, rates_req_s: Sequence[float] = DEFAULT_RATES_REQ_S,
                       trial_seconds: float = DEFAULT_TRIAL_SECONDS,
                       mps_thread_pcts: Sequence[int] = DEFAULT_MPS_THREAD_PCTS,
-                      seed: int = 0, prefill_prompt_tokens: int = 0) -> list[Measurement]:
+                      seed: int = 0, prefill_prompt_tokens: int = 0,
+                      colocated_thread_pcts: Sequence[int] = ()) -> list[Measurement]:
     """Serving alone on fig8a's workload (Poisson, ShareGPT-like lengths) at
     each rate, then the prefill probe (if ``prefill_prompt_tokens``), then the
     trainer alone on full samples: with every thread, and under MPS at each
-    active-thread percentage."""
+    active-thread percentage; last, co-located trials at the busiest rate with
+    the trainer at each of ``colocated_thread_pcts``."""
     system = get_system(CALIBRATION_SYSTEM)
     policy = system.policy(system.default_params())
     out = []
@@ -154,6 +167,11 @@ def measurement_specs(model: ModelConfig, rates_req_s: Sequence[float] = DEFAULT
         spec = TrialSpec(TrialKind.TRAINER_ALONE, system.name, {}, trainer, model, None, seed,
                          label=f"calibrate-trainer-alone-{pct}pct")
         out.append(Measurement("trainer alone" + capped, spec, ("peft_samples_per_s",), (2.0,)))
+    for pct in colocated_thread_pcts:
+        rate = max(rates_req_s)  # the serving-alone run's workload: its P99s are the trainer's doing
+        trial = {"system": system.name, "figure": "fig8a", "rate_req_s": rate, "params": {"mps_active_thread_pct": pct},
+                 "num_prompts": max(1, math.ceil(rate * trial_seconds)), "trial_seconds": None, "seed": seed}
+        out.append(colocated_measurement(model, trial, f"co-located, fig8a {rate:g} req/s, trainer at {pct}% MPS threads"))
     return out
 
 
@@ -176,8 +194,9 @@ def colocated_measurement(model: ModelConfig, trial: Mapping[str, object], name:
                          num_prompts=None if prompts is None else int(prompts),  # type: ignore[call-overload]
                          trial_seconds=None if seconds is None else float(seconds))  # type: ignore[arg-type]
     workload = study_workload(config, figure, system, rate)
+    knobs = "-".join(f"{k}{v:g}" for k, v in sorted(params.items()))  # its own run folder and prompts
     spec = TrialSpec(TrialKind.COLOCATED, system.name, params, system.policy(params), model, workload, seed,
-                     number=0, label=f"calibrate-colocated-{system.name}")
+                     number=0, label=f"calibrate-colocated-{system.name}-{figure.name}-{rate:g}rps-{knobs}")
     return Measurement(name, spec, COLOCATED_METRICS, COLOCATED_WEIGHTS, dict(trial))
 
 
@@ -377,10 +396,12 @@ class Plan:
     trial_seconds: float
     mps_thread_pcts: tuple[int, ...]
     prefill_prompt_tokens: int = 0  # the prefill probe's prompt length; 0: none (calibrations before it)
+    colocated_thread_pcts: tuple[int, ...] = ()  # the co-located trials' trainer caps (none before them)
 
     def specs(self, model: ModelConfig) -> list[Measurement]:
         return measurement_specs(model, self.rates_req_s, self.trial_seconds, self.mps_thread_pcts,
-                                 prefill_prompt_tokens=self.prefill_prompt_tokens)
+                                 prefill_prompt_tokens=self.prefill_prompt_tokens,
+                                 colocated_thread_pcts=self.colocated_thread_pcts)
 
 
 def measurements_json(plan: Plan, machine: Mapping[str, object], base: str, measured: Sequence[Measured]) -> str:
@@ -399,7 +420,8 @@ def load_measurements(text: str, where: str) -> tuple[Plan, dict[str, object], s
         data = json.loads(text)
         p = data["plan"]
         plan = Plan(str(p["model"]), tuple(float(r) for r in p["rates_req_s"]), float(p["trial_seconds"]),
-                    tuple(int(x) for x in p["mps_thread_pcts"]), int(p.get("prefill_prompt_tokens", 0)))
+                    tuple(int(x) for x in p["mps_thread_pcts"]), int(p.get("prefill_prompt_tokens", 0)),
+                    tuple(int(x) for x in p.get("colocated_thread_pcts", ())))
         model = resolve_model(plan.model)
         by_name = {m.name: m for m in plan.specs(model)}
         measured = [Measured(colocated_measurement(model, d["trial"], d["name"]) if "trial" in d

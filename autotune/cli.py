@@ -449,6 +449,9 @@ def calibrate(
     trial_seconds: Annotated[float, typer.Option(help="traffic window of each serving run, s")] = 20.0,
     mps_thread_pcts: Annotated[str, typer.Option(help="MPS active-thread %s to run the trainer alone at "
                                                  "(comma-separated; \"\" for none)")] = "10,40",
+    colocated_thread_pcts: Annotated[str, typer.Option(help="MPS active-thread %s of the trainer in the co-located "
+                                                       "trials (fig8a, the busiest rate) that fit the contention "
+                                                       "terms (comma-separated; \"\" for none)")] = "10,40",
     prefill_prompt_tokens: Annotated[int, typer.Option(help="prompt length of the prefill probe (long prompts "
                                                        "one at a time: the prefill's cost), tokens; 0 for none")] = 1536,
     name: Annotated[Optional[str], typer.Option(help="the profile's name (default: the file's stem)")] = None,
@@ -456,8 +459,9 @@ def calibrate(
     refit: Annotated[Optional[Path], typer.Option(help="no GPU: fit again from a calibration's "
                                                   ".measurements.json (its plan, machine and base come from it)")] = None,
 ) -> None:
-    """Measure this GPU (vLLM alone at a few rates, the trainer alone with every thread and capped by MPS)
-    and write a simulator profile whose host-side numbers and trainer GPU time are fitted to it."""
+    """Measure this GPU (vLLM alone at a few rates and on long prompts, the trainer alone with every thread
+    and capped by MPS, both together with the trainer capped) and write a simulator profile whose host-side
+    numbers, prefill cost, trainer GPU time and MPS contention terms are fitted to it."""
 
     raw = out.with_name(out.stem + ".measurements.json")
     for path in (out, raw) if refit is None else (out,):  # a refit measures nothing
@@ -471,6 +475,7 @@ def calibrate(
         given = [flag for flag, value, default in (
             ("--gpus", gpus, 1), ("--model", model, "llama-3.1-8b"), ("--rates", rates, "4,24"),
             ("--trial-seconds", trial_seconds, 20.0), ("--mps-thread-pcts", mps_thread_pcts, "10,40"),
+            ("--colocated-thread-pcts", colocated_thread_pcts, "10,40"),
             ("--prefill-prompt-tokens", prefill_prompt_tokens, DEFAULT_PREFILL_PROMPT_TOKENS),
             ("--runs-dir", runs_dir, Path("autotune-runs"))) if value != default]
         if given:
@@ -484,7 +489,8 @@ def calibrate(
         command = f"autotune calibrate --refit {refit.name}"
     else:
         plan = Plan(model, parse_rates(rates), trial_seconds, parse_thread_pcts(mps_thread_pcts),
-                    check_prefill_prompt_tokens(prefill_prompt_tokens, ServerConfig.max_model_len))
+                    check_prefill_prompt_tokens(prefill_prompt_tokens, ServerConfig.max_model_len),
+                    parse_thread_pcts(colocated_thread_pcts, "--colocated-thread-pcts", uncapped=True))
         if not trial_seconds > 0:
             raise UserError(f"--trial-seconds must be positive, got {trial_seconds:g}")
         base_profile, machine, measured = _calibrate_on_gpu(plan, gpus, base, runs_dir)

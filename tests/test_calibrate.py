@@ -148,6 +148,31 @@ def test_each_stage_fits_the_part_of_the_model_its_measurement_reflects(measured
 
 # ---------------------------------------------------------------- co-located trials: the contention terms
 
+def test_colocated_measurements_run_the_study_trial_at_the_busiest_rate_each_with_its_own_prompts():
+    specs = measurement_specs(LLAMA8B, rates_req_s=(4.0, 24.0), trial_seconds=10.0, mps_thread_pcts=(),
+                              colocated_thread_pcts=(10, 40))
+    colocated = specs[3:]
+    assert [s.spec.kind for s in specs] == [TrialKind.SERVING_ALONE] * 2 + [TrialKind.TRAINER_ALONE] + [
+        TrialKind.COLOCATED] * 2
+    assert [m.spec.policy.trainer_mps_active_thread_pct for m in colocated] == [10, 40]
+    assert all(m.spec.workload.rate_req_s == 24.0 and len(m.spec.workload) == 240 for m in colocated)
+    assert colocated[0].spec.workload == specs[1].spec.workload  # the same arrivals as serving alone at 24
+    assert len({m.spec.label for m in specs}) == len(specs)  # run folders and GPU prompts of their own
+    assert measurement_specs(LLAMA8B, (4.0, 24.0), 10.0, ()) == specs[:3]  # none unless asked
+    plan = Plan("llama-3.1-8b", (4.0, 24.0), 10.0, (), colocated_thread_pcts=(10, 40))
+    got = [Measured(m, {"ttft_p99_ms": 60.0, "tpot_p99_ms": 9.0, "peft_samples_per_s": 3.0}) for m in colocated]
+    back_plan, _, _, back = load_measurements(measurements_json(plan, {"gpus": 1}, "h200", got), "x")
+    assert back_plan == plan and [b.measurement.spec for b in back] == [m.spec for m in colocated]
+
+
+def test_colocated_thread_pcts_are_checked():
+    assert parse_thread_pcts("10,100", "--colocated-thread-pcts", uncapped=True) == (10, 100)
+    with pytest.raises(UserError, match="--colocated-thread-pcts: 0 is not in 1..100"):
+        parse_thread_pcts("0", "--colocated-thread-pcts", uncapped=True)
+    result = CliRunner().invoke(app, ["calibrate", "--out", "x.toml", "--colocated-thread-pcts", "ten"])
+    assert result.exit_code == 2 and "--colocated-thread-pcts: 'ten'" in result.output
+
+
 SHORT_COLOCATED = {"system": "vllm-torchtune", "figure": "fig8a", "rate_req_s": 8.0,
                    "params": {"mps_active_thread_pct": 60}, "num_prompts": None, "trial_seconds": 8.0, "seed": 0}
 
