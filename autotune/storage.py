@@ -26,6 +26,7 @@ outcome ``failed`` and the reason, like any other failed trial.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import socket
 import time
@@ -244,6 +245,59 @@ class FolderLock:
 
 def folder_lock(folder: Path) -> FolderLock:
     return FolderLock(folder)
+
+
+class StudyTurn:
+    """A study's turn to decide, ask and sample, one worker at a time: on this
+    machine a ``FolderLock`` on the runs folder; on PostgreSQL also between
+    machines, a session-level advisory lock keyed by the study's name, on a
+    connection of its own (a worker that dies ends its session, and the lock
+    with it). So machines started together stop at the study's trial count
+    exactly, as this machine's workers do. ``release`` may come twice."""
+
+    def __init__(self, folder: Path, storage: optuna.storages.BaseStorage, study_name: str) -> None:
+        self._local = FolderLock(folder)
+        engine = getattr(storage, "engine", None)
+        self._engine = engine if engine is not None and engine.dialect.name == "postgresql" else None
+        digest = hashlib.sha256(f"autotune study {study_name}".encode()).digest()
+        self._key = int.from_bytes(digest[:8], "big", signed=True)  # advisory locks take a bigint
+        self._conn = None
+
+    def acquire(self) -> None:
+        self._local.acquire()
+        if self._engine is None or self._conn is not None:
+            return
+        import sqlalchemy
+
+        conn = self._engine.connect()
+        try:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": self._key})
+            conn.commit()
+        except BaseException:
+            conn.close()
+            self._local.release()
+            raise
+        self._conn = conn
+
+    def release(self) -> None:
+        if self._conn is not None:
+            import sqlalchemy
+
+            conn, self._conn = self._conn, None
+            try:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": self._key})
+                conn.commit()
+                conn.close()
+            except Exception:  # noqa: BLE001  (the session may be gone: then so is its lock)
+                conn.invalidate()  # never back into the pool still holding the lock
+        self._local.release()
+
+    def __enter__(self) -> StudyTurn:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 # ---------------------------------------------------------------- owners

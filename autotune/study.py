@@ -40,7 +40,7 @@ from autotune.distinct import DistinctSampler, sampler_seed
 from autotune.interrupts import InterruptGate
 from autotune.samplers import make_sampler
 from autotune.slo import CRASH_VIOLATION, ResolvedSlo, constraint_margins, resolve
-from autotune.storage import (OWNER_ATTR, FolderLock, abandon, create_study, fail_abandoned, folder_lock,
+from autotune.storage import (OWNER_ATTR, StudyTurn, abandon, create_study, fail_abandoned, folder_lock,
                               heartbeats_on, hide_password, is_storage_failure, open_storage, owner_alive,
                               owner_tag, storage_reason)
 from autotune.systems import get_system
@@ -420,10 +420,11 @@ def run_trials(ctx: StudyContext, n_trials: int, observer: StudyObserver, *,
     url = storage_url(ctx.config)
     if ctx.workload is not None and ctx.slo is None:  # never a trial held to a missing limit
         raise RuntimeError("the study's SLO is resolved by run_references(); call it before run_trials()")
-    # This machine's workers queue, decide, ask and sample one at a time: none
-    # queues what another did, starts a trial past the study's count, or
-    # samples a setting another is sampling now.
-    turn = FolderLock(ctx.config.runs_dir)
+    # The study's workers (this machine's; on PostgreSQL every machine's)
+    # queue, decide, ask and sample one at a time: none queues what another
+    # did, starts a trial past the study's count, or samples a setting another
+    # is sampling now.
+    turn = StudyTurn(ctx.config.runs_dir, ctx.storage, study.study_name)
     with turn:
         if ctx.config.settings:
             enqueue_settings(ctx)

@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -19,7 +20,7 @@ from optuna.trial import TrialState
 
 from autotune.errors import EnvironmentFailure, UserError
 from autotune.slo import CONSTRAINT_KEYS, CRASH_VIOLATION
-from autotune.storage import (MAX_RERUNS, OWNER_ATTR, create_study, fail_abandoned, hide_password, open_storage,
+from autotune.storage import (MAX_RERUNS, OWNER_ATTR, StudyTurn, create_study, fail_abandoned, hide_password, open_storage,
                               owner_alive, owner_tag, postgres_url)
 
 #: Set by .ci/run (a PostgreSQL server it starts); the PostgreSQL tests skip without it.
@@ -179,3 +180,54 @@ def test_a_trial_without_heartbeat_for_the_grace_period_is_failed(tmp_path):
         time.sleep(0.5)
     assert failed == [trial.number]
     assert "sent no heartbeat for 1 s" in study.trials[trial.number].user_attrs["error"]
+
+
+def test_a_study_turn_on_postgresql_is_one_worker_at_a_time_across_machines(new_postgres_database, tmp_path):
+    """Two machines (two runs folders: their folder locks are apart) share one study's turn
+    through the server; another study's turn is its own; a dead session frees its turn."""
+    storage = open_storage(new_postgres_database)
+    machines = [tmp_path / "machine-a", tmp_path / "machine-b", tmp_path / "machine-c"]
+    for folder in machines:
+        folder.mkdir()
+    first, second = (StudyTurn(folder, storage, "one-study") for folder in machines[:2])
+    other = StudyTurn(machines[2], open_storage(new_postgres_database), "another-study")
+    first.acquire()
+    got = threading.Event()
+    waiter = threading.Thread(target=lambda: (second.acquire(), got.set()))
+    waiter.start()
+    assert not got.wait(1.0)  # the other machine waits for the turn
+    with other:  # another study: no wait
+        pass
+    first.release()
+    first.release()  # twice is harmless
+    assert got.wait(10.0)
+    waiter.join()
+    second.release()
+    # a worker that dies holding the turn: its session ends, and so does the lock
+    code = ("import sys; from pathlib import Path; from autotune.storage import StudyTurn, open_storage; "
+            "StudyTurn(Path(sys.argv[2]), open_storage(sys.argv[1]), 'one-study').acquire(); "
+            "print('held', flush=True); import time; time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code, new_postgres_database, str(machines[0])],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        waiter = threading.Thread(target=lambda: (first.acquire(), got.set()))
+        got.clear()
+        waiter.start()
+        assert not got.wait(1.0)
+        proc.kill()
+        assert got.wait(20.0)
+        waiter.join()
+    finally:
+        proc.kill()
+        proc.wait()
+    first.release()
+
+
+def test_a_study_turn_elsewhere_is_this_machines_folder_lock(tmp_path):
+    turn = StudyTurn(tmp_path, open_storage(f"sqlite:///{tmp_path / 'studies.db'}"), "one-study")
+    with turn:
+        code = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
+                "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)")
+        held = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
+        assert held.returncode != 0 and "BlockingIOError" in held.stderr

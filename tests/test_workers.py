@@ -139,3 +139,22 @@ def test_an_interrupt_ends_every_worker_and_leaves_no_trial_running(fault, code,
     assert all(x.user_attrs["error"] == f"interrupted ({signal_name})" for x in interrupted)
     owners = {x.user_attrs[OWNER_ATTR] for x in study.trials if OWNER_ATTR in x.user_attrs}
     assert len(owners) == workers and not any(owner_alive(o) for o in owners)  # no worker left behind
+
+
+def test_machines_started_together_on_postgresql_stop_at_the_studys_trial_count(tmp_path):
+    """Two machines (runs folders of their own: no folder lock between them), two workers each,
+    one PostgreSQL study: the study's turn is the server's, so they end with --trials COMPLETE
+    trials in all, not one more per machine."""
+    storage = _storage("postgresql", tmp_path)
+    name = f"machines-{uuid.uuid4().hex[:8]}"
+    trials = 8
+    procs = []
+    for machine in ("a", "b"):
+        folder = tmp_path / machine
+        folder.mkdir()
+        argv = command("chunked", storage, name, folder, trials=trials, workers=2, num_prompts=20)
+        procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-500:] for _, err in outs]
+    t = tally(storage, name, trials)
+    assert (t.complete, t.running, t.repeated_settings) == (trials, 0, 0)
