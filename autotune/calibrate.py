@@ -99,10 +99,9 @@ def parse_thread_pcts(text: str, flag: str = "--mps-thread-pcts", uncapped: bool
             pct = int(part)
         except ValueError:
             raise UserError(f"{flag}: {part!r} is not a whole percentage") from None
-        if uncapped and not 1 <= pct <= 100:
-            raise UserError(f"{flag}: {pct} is not in 1..100")
-        if not uncapped and not 1 <= pct <= 99:
-            raise UserError(f"{flag}: {pct} is not in 1..99 (100 is the uncapped run, always made)")
+        top = 100 if uncapped else 99
+        if not 1 <= pct <= top:
+            raise UserError(f"{flag}: {pct} is not in 1..{top}" + ("" if uncapped else " (100 is the uncapped run, always made)"))
         out.append(pct)
     return tuple(out)
 
@@ -167,11 +166,12 @@ def measurement_specs(model: ModelConfig, rates_req_s: Sequence[float] = DEFAULT
         spec = TrialSpec(TrialKind.TRAINER_ALONE, system.name, {}, trainer, model, None, seed,
                          label=f"calibrate-trainer-alone-{pct}pct")
         out.append(Measurement("trainer alone" + capped, spec, ("peft_samples_per_s",), (2.0,)))
+    busiest = max(rates_req_s)  # the serving-alone run's workload there: its P99s are the trainer's doing
     for pct in colocated_thread_pcts:
-        rate = max(rates_req_s)  # the serving-alone run's workload: its P99s are the trainer's doing
-        trial = {"system": system.name, "figure": "fig8a", "rate_req_s": rate, "params": {"mps_active_thread_pct": pct},
-                 "num_prompts": max(1, math.ceil(rate * trial_seconds)), "trial_seconds": None, "seed": seed}
-        out.append(colocated_measurement(model, trial, f"co-located, fig8a {rate:g} req/s, trainer at {pct}% MPS threads"))
+        trial = {"system": system.name, "figure": "fig8a", "rate_req_s": busiest,
+                 "params": {"mps_active_thread_pct": pct}, "num_prompts": max(1, math.ceil(busiest * trial_seconds)),
+                 "trial_seconds": None, "seed": seed}
+        out.append(colocated_measurement(model, trial, f"co-located, fig8a {busiest:g} req/s, trainer at {pct}% MPS threads"))
     return out
 
 

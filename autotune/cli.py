@@ -27,6 +27,7 @@ from rich.console import Console
 
 from autotune.backends import make_backend
 from autotune.calibrate import (
+    DEFAULT_COLOCATED_THREAD_PCTS,
     DEFAULT_PREFILL_PROMPT_TOKENS,
     Plan,
     check_prefill_prompt_tokens,
@@ -437,6 +438,9 @@ def show(
         print(f"results written to {json_path}")
 
 
+_COLOCATED_PCTS = ",".join(map(str, DEFAULT_COLOCATED_THREAD_PCTS))  # --colocated-thread-pcts' default
+
+
 @app.command()
 def calibrate(
     out: Annotated[Path, typer.Option(help="profile TOML to write (must not exist); the raw measurements go "
@@ -451,7 +455,7 @@ def calibrate(
                                                  "(comma-separated; \"\" for none)")] = "10,40",
     colocated_thread_pcts: Annotated[str, typer.Option(help="MPS active-thread %s of the trainer in the co-located "
                                                        "trials (fig8a, the busiest rate) that fit the contention "
-                                                       "terms (comma-separated; \"\" for none)")] = "10,40",
+                                                       "terms (comma-separated; \"\" for none)")] = _COLOCATED_PCTS,
     prefill_prompt_tokens: Annotated[int, typer.Option(help="prompt length of the prefill probe (long prompts "
                                                        "one at a time: the prefill's cost), tokens; 0 for none")] = 1536,
     name: Annotated[Optional[str], typer.Option(help="the profile's name (default: the file's stem)")] = None,
@@ -475,7 +479,7 @@ def calibrate(
         given = [flag for flag, value, default in (
             ("--gpus", gpus, 1), ("--model", model, "llama-3.1-8b"), ("--rates", rates, "4,24"),
             ("--trial-seconds", trial_seconds, 20.0), ("--mps-thread-pcts", mps_thread_pcts, "10,40"),
-            ("--colocated-thread-pcts", colocated_thread_pcts, "10,40"),
+            ("--colocated-thread-pcts", colocated_thread_pcts, _COLOCATED_PCTS),
             ("--prefill-prompt-tokens", prefill_prompt_tokens, DEFAULT_PREFILL_PROMPT_TOKENS),
             ("--runs-dir", runs_dir, Path("autotune-runs"))) if value != default]
         if given:
